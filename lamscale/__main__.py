@@ -1,0 +1,4 @@
+from lamscale.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,121 @@
+"""The driver: check everything, then run the trainer on Ray Train workers (local Ray or a cluster)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from lamscale import storage
+from lamscale.config import Config, ConfigError
+from lamscale.data.stream import absolute_pattern, check_shards, expand_urls
+from lamscale.train.checkpoint import committed_steps
+
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shards" / "tiny"
+
+
+def run_url_for(cfg: Config) -> str:
+    return storage.join(storage.normalize(cfg.run.storage), cfg.run.name)
+
+
+def _ensure_sample(cfg: Config) -> None:
+    """The embedded sample's shards are generated deterministically on first use."""
+    urls = expand_urls(cfg.data.train) + expand_urls(cfg.data.val)
+    if not all(u.startswith(str(SAMPLE_DIR)) for u in urls) or (SAMPLE_DIR / "manifest.json").exists():
+        return
+    from lamscale.data.sample import build_sample
+
+    print(f"[lamscale] generating the embedded sample shards in {SAMPLE_DIR} (first use)", flush=True)
+    build_sample(str(SAMPLE_DIR), cfg.model.video_dim, cfg.model.text_dim, cfg.model.max_text)
+
+
+def _check_feature_dims(cfg: Config) -> None:
+    """Compare the model's input dims with the shards' manifest.json, when there is one."""
+    first = expand_urls(cfg.data.train)[0]
+    manifest_url = storage.join(first.rsplit("/", 1)[0], "manifest.json")
+    if not storage.exists(manifest_url):
+        return
+    dims = json.loads(storage.read_bytes(manifest_url)).get("feature_dims", {})
+    for kind, key in (("video", "model.video_dim"), ("text", "model.text_dim")):
+        want = getattr(cfg.model, f"{kind}_dim")
+        if kind in dims and dims[kind] != want:
+            raise ConfigError(f"{key}: {want}, but {manifest_url} says the {kind} features are {dims[kind]}-d")
+
+
+def prepare(cfg: Config) -> str:
+    """Every check that can fail, before Ray or any worker starts; returns the run URL."""
+    cfg.data.train, cfg.data.val = absolute_pattern(cfg.data.train), absolute_pattern(cfg.data.val)
+    _ensure_sample(cfg)
+    check_shards(cfg.data.train, "data.train")
+    check_shards(cfg.data.val, "data.val")
+    _check_feature_dims(cfg)
+    run_url = run_url_for(cfg)
+    storage.check_writable(run_url)
+    storage.write_bytes(storage.join(run_url, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    return run_url
+
+
+def _start_ray(cfg: Config, address: str) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Ray Train's print patch would echo each worker line twice through its logger
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # a private in-process cluster sized for this run
+        need = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999)
+        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False,
+                 object_store_memory=256 * 2**20, log_to_driver=True)
+
+
+def train(cfg: Config, address: str = "") -> str:
+    """Train (or resume) the run named by `cfg`; returns its URL."""
+    run_url = prepare(cfg)
+    steps = committed_steps(run_url)
+    if steps and steps[-1] >= cfg.train.max_steps and storage.exists(storage.join(run_url, "metrics_val.json")):
+        print(f"[lamscale] {run_url} is already complete (step {steps[-1]}); "
+              f"raise train.max_steps or pick another run.name to train more", flush=True)
+        return run_url
+    print(f"[lamscale] run {run_url}: " + (f"resuming from step {steps[-1]}" if steps else "new run"), flush=True)
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from lamscale.train.loop import train_worker
+
+    _start_ray(cfg, address or cfg.cluster.address)
+    c = cfg.cluster
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_url": run_url},
+        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
+                                     resources_per_worker={"CPU": c.cpus_per_worker}),
+        run_config=RunConfig(name="ray", storage_path=run_url if storage.is_local(run_url) else None,
+                             failure_config=FailureConfig(max_failures=c.max_failures)),
+    )
+    trainer.fit()
+    summary = storage.join(run_url, "metrics_val.json")
+    if storage.exists(summary):
+        brief = json.loads(storage.read_bytes(summary))["brief"]
+        print(f"[lamscale] done: {run_url}\n" + json.dumps(brief, indent=2), flush=True)
+    return run_url
+
+
+def load_run_config(run: str, overrides: list[str]) -> Config:
+    """The saved config of run folder / URL `run`, with its storage and name pointing at it."""
+    from lamscale.config import load_config
+
+    run_url = storage.normalize(run)
+    saved = storage.join(run_url, "config.yaml")
+    if not storage.exists(saved):
+        raise ConfigError(f"{run}: not a lamscale run (no config.yaml)")
+    parent, name = run_url.rsplit("/", 1)
+    local = Path(os.environ.get("TMPDIR", "/tmp")) / f"lamscale-resume-{os.getpid()}.yaml"
+    local.write_bytes(storage.read_bytes(saved))
+    try:
+        return load_config(local, [*overrides, f"run.storage={parent}", f"run.name={name}"])
+    finally:
+        local.unlink(missing_ok=True)

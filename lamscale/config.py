@@ -1,0 +1,254 @@
+"""Run configuration: dataclasses loaded from YAML, with dotted `key=value` overrides.
+
+Everything is validated here, in the driver, before Ray or any worker starts: an unknown key, a
+value of the wrong type or outside its choices raises `ConfigError` with one line naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message is one line naming the file/key/value."""
+
+
+@dataclass
+class LAMConfig:
+    """Learnable Attention Mask (DESIGN.md §1)."""
+
+    layers: Union[Literal["all", "first", "none"], list[int]] = "all"
+    combine: Literal["mul", "add"] = "mul"
+    heads: Literal["shared", "per_head"] = "shared"
+    key: Literal["position", "token"] = "position"
+    bound: Literal["none", "sigmoid"] = "none"
+    rank: int = 16  # r: rank of the mask M = H G^T + 1 c^T
+    hidden: int = 64  # r1: width of the generator MLP
+    max_len: int = 512  # N_max for key=position
+    backend: Literal["dense", "chunked"] = "chunked"
+    block: int = 128  # query block of the chunked backend
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    ffn_mult: int = 4
+    dropout: float = 0.1
+    video_dim: int = 64
+    text_dim: int = 32
+    max_clips: int = 75
+    max_text: int = 32
+    checkpointing: bool = True  # activation checkpointing per layer (non-reentrant)
+    lam: LAMConfig = field(default_factory=LAMConfig)
+
+
+@dataclass
+class DataConfig:
+    train: str = "shards/tiny/train-{000000..000003}.tar"
+    val: str = "shards/tiny/val-{000000..000000}.tar"
+    batch_size: int = 16  # per worker
+    shuffle_buffer: int = 256
+    clip_len: float = 2.0  # seconds per clip
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["moment_retrieval"] = "moment_retrieval"
+    w_focal: float = 1.0
+    w_l1: float = 1.0
+    w_giou: float = 1.0
+    w_saliency: float = 1.0
+    saliency_margin: float = 0.2
+    nms_iou: float = 0.7
+    max_windows: int = 10
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    ckpt_every: int = 50
+    keep_last: int = 2
+    mask_images: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    address: str = ""  # empty: start Ray in-process; else an existing cluster ("auto", "ray://…")
+    max_failures: int = 0
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # defaults to the config file's stem
+    storage: str = "runs/"  # local folder, file://… or s3://bucket/prefix
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _check_value(key: str, value: Any, hint: Any) -> Any:
+    """Return `value` coerced to `hint`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise ConfigError(f"{key}: expected one of {list(typing.get_args(hint))}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _check_value(key, value, option)
+            except ConfigError as e:
+                errors.append(str(e).split(": ", 1)[1])
+        raise ConfigError(f"{key}: expected {' or '.join(errors)}".replace("expected expected", "expected"))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{full}' (known under '{prefix or '<top>'}': {', '.join(names)})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, full)
+        else:
+            kwargs[key] = _check_value(full, value, hint)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=100")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    m, lam, t = cfg.model, cfg.model.lam, cfg.train
+    positive = {
+        "model.dim": m.dim, "model.layers": m.layers, "model.heads": m.heads, "model.video_dim": m.video_dim,
+        "model.text_dim": m.text_dim, "model.max_clips": m.max_clips, "model.max_text": m.max_text,
+        "model.lam.rank": lam.rank, "model.lam.hidden": lam.hidden, "model.lam.block": lam.block,
+        "data.batch_size": cfg.data.batch_size, "train.max_steps": t.max_steps, "train.grad_accum": t.grad_accum,
+        "train.log_every": t.log_every, "train.eval_every": t.eval_every, "train.ckpt_every": t.ckpt_every,
+        "train.keep_last": t.keep_last, "cluster.num_workers": cfg.cluster.num_workers,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: expected a positive value, got {value}")
+    if m.dim % m.heads:
+        raise ConfigError(f"model.dim: {m.dim} is not divisible by model.heads={m.heads}")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage: expected 0, 1, 2 or 3, got {t.zero_stage}")
+    seq = m.max_clips + m.max_text
+    if lam.key == "position" and lam.max_len < seq:
+        raise ConfigError(f"model.lam.max_len: {lam.max_len} < sequence length {seq} (max_clips + max_text)")
+    if isinstance(lam.layers, list):
+        bad = [i for i in lam.layers if not 0 <= i < m.layers]
+        if bad:
+            raise ConfigError(f"model.lam.layers: layer indices {bad} outside 0..{m.layers - 1}")
+    if not 0 < cfg.task.nms_iou <= 1:
+        raise ConfigError(f"task.nms_iou: expected a value in (0, 1], got {cfg.task.nms_iou}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load YAML `path` (None: all defaults), apply `overrides`, validate."""
+    tree: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    for item in overrides:
+        _apply_override(tree, item)
+    try:
+        cfg = _build(Config, tree, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if not cfg.run.name:
+        cfg.run.name = Path(path).stem if path is not None else "default"
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from `to_dict()` output (e.g. inside a Ray worker)."""
+    return _build(Config, data, "")

@@ -1,0 +1,142 @@
+"""Self-attention with an optional Learnable Attention Mask, dispatched to a backend by name.
+
+    S = Q Kᵀ/√d;  mul: S ⊙ M,  add: S + M;  padded keys → −inf;  softmax;  · V
+
+Every backend runs the same per-block function `_attend`, with or without a mask, so a LAM whose
+mask is at its identity init gives bit-identical outputs to vanilla attention on that backend.
+- dense:   one block covering all queries (materialises S and M: reference and tests).
+- chunked: query blocks of `block` rows; the mask tile h_blk Gᵀ + c is built per block, and each
+           block is checkpointed, so forward and backward memory are O(block·N), never N×N.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lamscale.config import LAMConfig
+from lamscale.model.lam import LowRankMask, MaskGenerator, mask_tile
+
+COMBINES = ("mul", "add")
+
+
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_valid: Tensor,
+    h: Optional[Tensor],
+    g: Optional[Tensor],
+    c: Optional[Tensor],
+    combine: str,
+    bound: str,
+) -> Tensor:
+    """Attention of the queries in q (B, H, n, d) over all keys; h holds the same n query rows."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, H, n, N)
+    if h is not None:
+        m = mask_tile(h, g, c, bound).to(s.dtype)  # (B, Hm, n, N), broadcasts over heads if Hm = 1
+        if combine == "mul":
+            s = s * m
+        elif bound == "sigmoid":
+            # add with M = 2σ(z): the constant 1 is softmax-invariant, so S + (M − 1) is the same
+            # attention, and it is exactly S at init (S + 1 would round S and break identity).
+            s = s + (m - 1.0)
+        else:
+            s = s + m
+    # Pad after combining, so no mask value can ever un-pad a key.
+    s = s.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    low_precision = s.dtype in (torch.float16, torch.bfloat16)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32 if low_precision else None).to(v.dtype)
+    return torch.matmul(p, v)
+
+
+def _dense(
+    q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, mask: Optional[LowRankMask], combine: str, block: int
+) -> Tensor:
+    h, g, c, bound = _factors(mask)
+    return _attend(q, k, v, key_valid, h, g, c, combine, bound)
+
+
+def _chunked(
+    q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, mask: Optional[LowRankMask], combine: str, block: int
+) -> Tensor:
+    h, g, c, bound = _factors(mask)
+    tensors = [t for t in (q, k, v, h, g, c) if t is not None]
+    # Checkpoint each block: backward then keeps only the block's inputs, not its (block × N) tiles.
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    outs = []
+    for start in range(0, q.shape[2], block):
+        rows = slice(start, start + block)
+        args = (q[:, :, rows], k, v, key_valid, None if h is None else h[:, :, rows], g, c, combine, bound)
+        outs.append(checkpoint(_attend, *args, use_reentrant=False) if recompute else _attend(*args))
+    return torch.cat(outs, dim=2)
+
+
+def _factors(mask: Optional[LowRankMask]) -> tuple:
+    if mask is None:
+        return None, None, None, "none"
+    return mask.h, mask.g, mask.c, mask.bound
+
+
+BACKENDS: dict[str, Callable[..., Tensor]] = {"dense": _dense, "chunked": _chunked}
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[LowRankMask] = None,
+    key_valid: Optional[Tensor] = None,
+    combine: str = "mul",
+    backend: str = "chunked",
+    block: int = 128,
+) -> Tensor:
+    """(Masked) softmax attention. q, k, v: (B, H, N, d); key_valid: (B, N) bool, True = real token.
+
+    mask=None is vanilla attention through the same code path. Returns (B, H, N, d).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {sorted(BACKENDS)}")
+    if combine not in COMBINES:
+        raise ValueError(f"unknown LAM combine {combine!r}; expected one of {COMBINES}")
+    if block <= 0:
+        raise ValueError(f"attention block must be positive, got {block}")
+    B, _, N, _ = q.shape
+    if key_valid is None:
+        key_valid = torch.ones(B, N, dtype=torch.bool, device=q.device)
+    key_valid = key_valid.bool()
+    # A sample with no real key at all would give 0/0 in softmax; let it attend everywhere instead
+    # (its outputs are never used, but they, and their gradients, stay finite).
+    key_valid = key_valid | ~key_valid.any(dim=-1, keepdim=True)
+    return BACKENDS[backend](q, k, v, key_valid, mask, combine, block)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; with `use_lam`, its own MaskGenerator fed this layer's input."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float, lam: LAMConfig, use_lam: bool) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+        self.combine = lam.combine
+        self.backend = lam.backend
+        self.block = lam.block
+        # A None attribute is not a registered module: vanilla state dicts have no generator keys.
+        self.mask_gen = MaskGenerator(dim, num_heads, lam) if use_lam else None
+
+    def forward(self, x: Tensor, key_valid: Optional[Tensor] = None) -> Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = self.mask_gen(x) if self.mask_gen is not None else None
+        out = attention(q, k, v, mask, key_valid, combine=self.combine, backend=self.backend, block=self.block)
+        return self.drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))
+
+    def extra_repr(self) -> str:
+        lam = f", combine={self.combine}" if self.mask_gen is not None else ""
+        return f"heads={self.num_heads}, backend={self.backend}, block={self.block}{lam}"

@@ -1,0 +1,106 @@
+"""One way to reach run storage and shards: fsspec URLs (local paths, file://, s3://…).
+
+s3fs reads AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the environment, so an
+S3-compatible server (SeaweedFS, MinIO) needs no code here. Filesystems are created lazily in each
+process: s3fs instances are not fork-safe, and fsspec's instance cache is per process.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """Storage is unreachable or a file is missing; the message names the URL."""
+
+
+def normalize(url: str) -> str:
+    """Local paths become absolute (workers may run in another directory); URLs stay as they are."""
+    if "://" in url:
+        return url.rstrip("/")
+    return os.path.abspath(os.path.expanduser(url)).rstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def fs_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return url_to_fs(url)
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 4, delay: float = 0.5) -> T:
+    """Call `fn`, retrying transient storage errors with exponential backoff."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except (OSError, TimeoutError) as e:  # botocore/aiohttp errors surface as OSError subclasses
+            if isinstance(e, FileNotFoundError) or i == attempts - 1:
+                raise StorageError(f"{what}: {type(e).__name__}: {e}") from e
+            time.sleep(delay * 2**i)
+    raise AssertionError("unreachable")
+
+
+def check_writable(url: str) -> None:
+    """Create `url` if needed and write/delete a probe file, or raise StorageError naming it."""
+    try:
+        fs, path = fs_for(url)
+        fs.makedirs(path, exist_ok=True)
+        probe = join(path, ".lamscale-probe")
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as e:  # any failure here means the run could not save anything
+        raise StorageError(f"run storage {url!r} is not writable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def upload(local: str, url: str) -> None:
+    fs, path = fs_for(url)
+
+    def _put() -> None:
+        if is_local(url):
+            fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.put_file(local, path)
+
+    retry(_put, f"upload {url}")
+
+
+def download(url: str, local: str) -> None:
+    fs, path = fs_for(url)
+    retry(lambda: fs.get_file(path, local), f"download {url}")
+
+
+def exists(url: str) -> bool:
+    fs, path = fs_for(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = fs_for(url)
+    return retry(lambda: fs.cat_file(path), f"read {url}")
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    fs, path = fs_for(url)
+
+    def _write() -> None:
+        if is_local(url):
+            fs.makedirs(fs._parent(path), exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+    retry(_write, f"write {url}")

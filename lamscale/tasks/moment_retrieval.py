@@ -1,0 +1,160 @@
+"""Moment retrieval + highlight detection (QVHighlights): targets, losses, window decoding.
+
+Per clip the head predicts foreground, the distances from the clip centre to its moment's start and
+end (in units of the padded video length L = max_clips · clip_len) and a saliency score.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from lamscale.config import TaskConfig
+from lamscale.data.batch import pad_stack
+from lamscale.data.schema import MomentSample
+
+
+@dataclass
+class MomentBatch:
+    video: torch.Tensor  # (B, T, Dv)
+    video_valid: torch.Tensor  # (B, T) bool
+    text: torch.Tensor  # (B, L, Dt)
+    text_valid: torch.Tensor  # (B, L) bool
+    foreground: torch.Tensor  # (B, T) 1 inside a relevant window
+    offsets: torch.Tensor  # (B, T, 2) distances to the window's start/end, units of L
+    saliency: torch.Tensor  # (B, T) mean annotator score 0–4 for relevant clips, −1 elsewhere
+    meta: list[dict]
+
+    def inputs(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+        return self.video.to(dtype), self.video_valid, self.text.to(dtype), self.text_valid
+
+    @property
+    def tokens(self) -> int:
+        return int(self.video_valid.sum() + self.text_valid.sum())
+
+
+def collate(samples: list[MomentSample], max_clips: int, max_text: int) -> MomentBatch:
+    video, video_valid = pad_stack([s.video for s in samples], max_clips)
+    text, text_valid = pad_stack([s.text for s in samples], max_text)
+    B, T = video_valid.shape
+    foreground, saliency = torch.zeros(B, T), torch.full((B, T), -1.0)
+    offsets = torch.zeros(B, T, 2)
+    for b, s in enumerate(samples):
+        clip_len = s.meta["clip_len"]
+        span = max_clips * clip_len
+        for start, end in s.meta["relevant_windows"]:
+            for t in range(int(start // clip_len), min(T, math.ceil(end / clip_len))):
+                centre = (t + 0.5) * clip_len
+                if start <= centre <= end and video_valid[b, t]:
+                    foreground[b, t] = 1
+                    offsets[b, t] = torch.tensor([(centre - start) / span, (end - centre) / span])
+        for t, scores in zip(s.meta["relevant_clip_ids"], s.meta["saliency_scores"]):
+            if t < T:
+                saliency[b, t] = sum(scores) / len(scores)
+    return MomentBatch(video, video_valid, text, text_valid, foreground, offsets, saliency, [s.meta for s in samples])
+
+
+def _giou_1d(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Generalised IoU of (start, end) intervals, elementwise over the leading dims."""
+    inter = (torch.minimum(pred[..., 1], target[..., 1]) - torch.maximum(pred[..., 0], target[..., 0])).clamp(min=0)
+    union = (pred[..., 1] - pred[..., 0]) + (target[..., 1] - target[..., 0]) - inter
+    hull = torch.maximum(pred[..., 1], target[..., 1]) - torch.minimum(pred[..., 0], target[..., 0])
+    iou = inter / union.clamp(min=1e-6)
+    return iou - (hull - union) / hull.clamp(min=1e-6)
+
+
+def losses(out: dict[str, torch.Tensor], batch: MomentBatch, cfg: TaskConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    valid = batch.video_valid.float()
+    fg = batch.foreground
+    n_fg = fg.sum().clamp(min=1)
+    logits = out["fg_logits"].float()
+
+    # focal loss (alpha 0.25, gamma 2) on every real clip, normalised by the foreground count
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, fg, reduction="none")
+    p_t = p * fg + (1 - p) * (1 - fg)
+    alpha = 0.25 * fg + 0.75 * (1 - fg)
+    focal = (alpha * (1 - p_t) ** 2 * ce * valid).sum() / n_fg
+
+    offsets = out["offsets"].float()
+    l1 = ((offsets - batch.offsets).abs().sum(-1) * fg).sum() / n_fg
+    pred_win = torch.stack([-offsets[..., 0], offsets[..., 1]], -1)
+    true_win = torch.stack([-batch.offsets[..., 0], batch.offsets[..., 1]], -1)
+    giou = ((1 - _giou_1d(pred_win, true_win)) * fg).sum() / n_fg
+
+    # margin ranking: a clip annotated as more salient must score higher (unannotated clips = −1)
+    sal, target = out["saliency"].float(), batch.saliency
+    pairs = (target[:, :, None] > target[:, None, :]) & batch.video_valid[:, :, None] & batch.video_valid[:, None, :]
+    hinge = F.relu(cfg.saliency_margin - (sal[:, :, None] - sal[:, None, :]))
+    saliency = (hinge * pairs).sum() / pairs.sum().clamp(min=1)
+
+    parts = {"focal": focal, "l1": l1, "giou": giou, "saliency": saliency}
+    total = cfg.w_focal * focal + cfg.w_l1 * l1 + cfg.w_giou * giou + cfg.w_saliency * saliency
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def _nms(windows: list[list[float]], iou_threshold: float, keep: int) -> list[list[float]]:
+    """Greedy 1-D NMS over [start, end, score] rows sorted by score."""
+    kept: list[list[float]] = []
+    for w in sorted(windows, key=lambda w: -w[2]):
+        if all(_iou(w, k) <= iou_threshold for k in kept):
+            kept.append(w)
+            if len(kept) == keep:
+                break
+    return kept
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = (a[1] - a[0]) + (b[1] - b[0]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@torch.no_grad()
+def decode(out: dict[str, torch.Tensor], batch: MomentBatch, cfg: TaskConfig) -> list[dict]:
+    """Predictions in the official QVHighlights submission format, one dict per sample."""
+    scores = torch.sigmoid(out["fg_logits"].float()).cpu()
+    offsets, saliency = out["offsets"].float().cpu(), out["saliency"].float().cpu()
+    T = batch.video_valid.shape[1]
+    predictions = []
+    for b, meta in enumerate(batch.meta):
+        clip_len, duration = meta["clip_len"], float(meta["duration"])
+        span = T * clip_len
+        n_clips = min(T, math.ceil(duration / clip_len))
+        candidates = []
+        for t in range(n_clips):
+            centre = (t + 0.5) * clip_len
+            start = max(0.0, centre - float(offsets[b, t, 0]) * span)
+            end = min(duration, centre + float(offsets[b, t, 1]) * span)
+            if end > start:
+                candidates.append([round(start, 2), round(end, 2), round(float(scores[b, t]), 4)])
+        predictions.append({
+            "qid": meta["qid"], "query": meta["query"], "vid": meta["vid"],
+            "pred_relevant_windows": _nms(candidates, cfg.nms_iou, cfg.max_windows),
+            "pred_saliency_scores": [round(float(x), 4) for x in saliency[b, :n_clips]],
+        })
+    return predictions
+
+
+def ground_truth(meta: dict) -> dict:
+    """The annotation line (official ground-truth format) stored in a sample's json."""
+    keys = ("qid", "query", "duration", "vid", "relevant_windows", "relevant_clip_ids", "saliency_scores")
+    return {k: meta[k] for k in keys}
+
+
+def random_predictions(metas: list[dict], cfg: TaskConfig, clip_len: float, seed: int = 0) -> list[dict]:
+    """Uniformly random windows and saliency: the chance level the model must beat."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for meta in metas:
+        duration = float(meta["duration"])
+        bounds = torch.rand(cfg.max_windows, 2, generator=g).sort(-1).values * duration
+        scores = torch.rand(cfg.max_windows, generator=g)
+        windows = [[round(float(s), 2), round(float(e), 2), round(float(p), 4)] for (s, e), p in zip(bounds, scores)]
+        n_clips = math.ceil(duration / clip_len)
+        out.append({"qid": meta["qid"], "query": meta["query"], "vid": meta["vid"],
+                    "pred_relevant_windows": sorted(windows, key=lambda w: -w[2]),
+                    "pred_saliency_scores": [round(float(x), 4) for x in torch.rand(n_clips, generator=g)]})
+    return out

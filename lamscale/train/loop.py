@@ -1,0 +1,156 @@
+"""The trainer each Ray worker runs: a small stateful object over engine, data, checkpoints, monitor."""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from lamscale import storage
+from lamscale.config import Config, from_dict
+from lamscale.data.stream import TrainStream, eval_samples
+from lamscale.model.moment import MomentModel
+from lamscale.tasks import moment_retrieval as task
+from lamscale.tasks.qvhighlights_metrics import evaluate as official_metrics
+from lamscale.train.checkpoint import CheckpointStore, committed_steps
+from lamscale.train.engine import build_engine
+from lamscale.train.monitor import Monitor
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_url: str, rank: int, world: int, use_gpu: bool):
+        self.cfg, self.run_url, self.rank, self.world = cfg, run_url, rank, world
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.engine = build_engine(MomentModel(cfg.model), cfg, world, use_gpu)
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.stream = TrainStream(cfg.data.train, rank, world, cfg.train.seed, cfg.data.shuffle_buffer)
+        self.store = CheckpointStore(run_url, rank, world, cfg.train.keep_last)
+        self.step, self.samples_seen, self.tokens_seen = 0, 0, 0
+        torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # per-rank dropout stream
+        steps = committed_steps(run_url)
+        if steps:
+            rank_state, trainer_state = self.store.load(self.engine, steps[-1])
+            self.stream.load_state_dict(rank_state["stream"])
+            self.step, self.samples_seen, self.tokens_seen = (trainer_state[k] for k in ("step", "samples", "tokens"))
+        self.monitor = Monitor(run_url, self.step, cfg.train.max_steps) if rank == 0 else None
+        self.say(f"{'resumed at' if steps else 'starting at'} step {self.step}/{cfg.train.max_steps} "
+                 f"({world} workers, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision})")
+
+    def say(self, line: str) -> None:
+        if self.rank == 0:
+            print(f"[lamscale] {line}", flush=True)
+
+    def batches(self):
+        samples = iter(self.stream)
+        m = self.cfg.model
+        while True:
+            yield task.collate(list(itertools.islice(samples, self.cfg.data.batch_size)), m.max_clips, m.max_text)
+
+    def fit(self) -> None:
+        t, batches = self.cfg.train, self.batches()
+        window_start, data_wait, window_samples = time.perf_counter(), 0.0, 0
+        while self.step < t.max_steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - t0
+            out = self.engine(*[x.to(self.engine.device) for x in batch.inputs(self.dtype)])
+            loss, parts = task.losses(out, _to(batch, self.engine.device), self.cfg.task)
+            self.engine.backward(loss)
+            self.engine.step()
+            window_samples += len(batch.meta)
+            self.samples_seen += len(batch.meta) * self.world
+            self.tokens_seen += batch.tokens * self.world
+            if self.engine.global_steps == self.step:
+                continue  # inside a gradient-accumulation window
+            self.step = self.engine.global_steps
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                self.log(loss, parts, window_samples * self.world / elapsed, data_wait / elapsed)
+                window_start, data_wait, window_samples = time.perf_counter(), 0.0, 0
+            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                self.evaluate()
+            if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+                self.save()
+        if not storage.exists(storage.join(self.run_url, "metrics_val.json")):
+            self.evaluate()  # a run resumed from its final checkpoint before its final eval was written
+        if self.monitor:
+            self.monitor.close()
+
+    def log(self, loss: torch.Tensor, parts: dict[str, float], samples_per_s: float, data_share: float) -> None:
+        values = torch.tensor([float(loss.detach()), *parts.values()])
+        dist.all_reduce(values)
+        values /= self.world
+        if self.monitor is None:
+            return
+        lr = self.engine.get_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        self.monitor.scalars(self.step, {"loss": float(values[0]), "lr": lr, "grad_norm": float(grad_norm or 0.0)}, "train/")
+        self.monitor.scalars(self.step, dict(zip(parts, values[1:].tolist())), "loss/")
+        self.monitor.scalars(self.step, {
+            "samples_per_s": samples_per_s, "tokens_seen": self.tokens_seen, "data_wait_share": data_share,
+            "rss_gib": psutil.Process().memory_info().rss / 2**30}, "perf/")
+        self.say(self.monitor.progress(self.step, float(values[0]), lr, samples_per_s))
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        self.engine.eval()
+        m, bs = self.cfg.model, self.cfg.data.batch_size
+        mine = list(eval_samples(self.cfg.data.val, self.rank, self.world))
+        chunks = [mine[i : i + bs] for i in range(0, len(mine), bs)]
+        n = torch.tensor([len(chunks)])
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)  # equal forward counts on every rank (ZeRO-3 gathers)
+        predictions, truths, maps = [], [], []
+        for i in range(int(n)):
+            batch = task.collate(chunks[min(i, len(chunks) - 1)], m.max_clips, m.max_text)
+            inputs = [x.to(self.engine.device) for x in batch.inputs(self.dtype)]
+            out = self.engine(*inputs)
+            if i < len(chunks):
+                predictions += task.decode(out, batch, self.cfg.task)
+                truths += [task.ground_truth(meta) for meta in batch.meta]
+            if i == 0 and self.cfg.train.mask_images:
+                maps = self.engine.module.encoder.mask_maps(*inputs)
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, (predictions, truths))
+        self.engine.train()
+        if self.monitor is None:
+            return
+        predictions = sorted((p for ps, _ in gathered for p in ps), key=lambda p: p["qid"])
+        truths = sorted((g for _, gs in gathered for g in gs), key=lambda g: g["qid"])
+        metrics = official_metrics(predictions, truths)
+        chance = official_metrics(task.random_predictions(truths, self.cfg.task, self.cfg.data.clip_len), truths)
+        lines = "".join(json.dumps(p) + "\n" for p in predictions)
+        storage.write_bytes(storage.join(self.run_url, "predictions_val.jsonl"), lines.encode())
+        report = {"step": self.step, **metrics}
+        storage.write_bytes(storage.join(self.run_url, "metrics_val.json"), json.dumps(report, indent=4).encode())
+        storage.write_bytes(storage.join(self.run_url, "metrics_val_random.json"), json.dumps(chance, indent=4).encode())
+        brief = metrics["brief"]
+        self.monitor.scalars(self.step, {k: v for k, v in brief.items()}, "val/")
+        self.monitor.mask_images(self.step, maps)
+        self.say(f"eval @ {self.step}: MR-full-mAP {brief['MR-full-mAP']:.2f} (chance {chance['brief']['MR-full-mAP']:.2f}) | "
+                 f"HL-min-VeryGood-mAP {brief['HL-min-VeryGood-mAP']:.2f} (chance {chance['brief']['HL-min-VeryGood-mAP']:.2f})")
+
+    def save(self) -> None:
+        t0 = time.perf_counter()
+        trainer_state = {"step": self.step, "samples": self.samples_seen, "tokens": self.tokens_seen}
+        self.store.save(self.engine, self.step, {"stream": self.stream.state_dict()}, trainer_state)
+        if self.monitor:
+            self.monitor.scalars(self.step, {"checkpoint_save_s": time.perf_counter() - t0}, "perf/")
+            self.monitor.sync()
+        self.say(f"checkpoint step {self.step} committed ({time.perf_counter() - t0:.1f}s)")
+
+
+def _to(batch: task.MomentBatch, device: torch.device) -> task.MomentBatch:
+    fields = {k: getattr(batch, k) for k in ("video", "video_valid", "text", "text_valid", "foreground", "offsets", "saliency")}
+    return task.MomentBatch(**{k: v.to(device) for k, v in fields.items()}, meta=batch.meta)
+
+
+def train_worker(payload: dict) -> None:
+    """Ray Train entry point (runs in every worker)."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    cfg = from_dict(payload["config"])
+    Trainer(cfg, payload["run_url"], ctx.get_world_rank(), ctx.get_world_size(), cfg.cluster.use_gpu).fit()

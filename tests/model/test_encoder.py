@@ -1,0 +1,175 @@
+"""The multimodal LAM encoder: layer selection, vanilla → LAM loading, every switch, mask maps."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from lamscale.config import LAMConfig, ModelConfig
+from lamscale.model import Encoder, MaskGenerator
+
+B, T, L = 2, 7, 4  # N = 11 tokens: not a multiple of the chunked block (6)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: extra intra-op threads only add sync cost (and stall badly on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(dropout: float = 0.0, checkpointing: bool = False, **lam) -> ModelConfig:
+    lam = {"rank": 3, "hidden": 8, "max_len": 12, "block": 6, **lam}
+    return ModelConfig(
+        dim=16, layers=3, heads=2, ffn_mult=2, dropout=dropout, video_dim=6, text_dim=5,
+        max_clips=8, max_text=4, checkpointing=checkpointing, lam=LAMConfig(**lam),
+    )
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    video = torch.randn(B, T, 6, generator=g).half()  # shards store float16 features
+    text = torch.randn(B, L, 5, generator=g)
+    video_valid = torch.ones(B, T, dtype=torch.bool)
+    video_valid[1, 5:] = False
+    text_valid = torch.ones(B, L, dtype=torch.bool)
+    text_valid[0, 2:] = False
+    return video, video_valid, text, text_valid
+
+
+def _generators(model: Encoder) -> list[MaskGenerator]:
+    return [m for m in model.modules() if isinstance(m, MaskGenerator)]
+
+
+@pytest.mark.parametrize(
+    "layers,expected", [("all", [0, 1, 2]), ("first", [0]), ("none", []), ([0, 2], [0, 2])]
+)
+def test_one_distinct_generator_per_lam_layer(layers, expected) -> None:
+    model = Encoder(_cfg(layers=layers))
+    gens = _generators(model)
+    assert len({id(g) for g in gens}) == len(gens) == len(expected)
+    assert [i for i, blk in enumerate(model.blocks) if blk.attn.mask_gen is not None] == expected
+    assert model.lam_layers == expected
+    params = [id(p) for g in gens for p in g.parameters()]
+    assert len(params) == len(set(params)), "generators must not share parameters"
+
+
+def test_bad_layer_indices_raise() -> None:
+    with pytest.raises(ValueError, match="lam.layers"):
+        Encoder(_cfg(layers=[0, 3]))
+
+
+@pytest.mark.parametrize(
+    "combine,key,bound,backend",
+    list(itertools.product(["mul", "add"], ["position", "token"], ["none", "sigmoid"], ["dense", "chunked"])),
+)
+def test_vanilla_weights_load_into_lam_exactly(combine: str, key: str, bound: str, backend: str) -> None:
+    torch.manual_seed(0)
+    switches = dict(combine=combine, key=key, bound=bound, backend=backend)
+    vanilla = Encoder(_cfg(dropout=0.1, layers="none", **switches)).eval()
+    lam = Encoder(_cfg(dropout=0.1, layers="all", **switches)).eval()
+    missing, unexpected = lam.load_state_dict(vanilla.state_dict(), strict=False)
+    assert unexpected == []
+    gen_keys = {k for k in lam.state_dict() if ".attn.mask_gen." in k}
+    assert set(missing) == gen_keys and gen_keys
+    batch = _batch()
+    with torch.no_grad():
+        assert torch.equal(lam(*batch), vanilla(*batch))
+
+
+def _switch_combinations() -> list:
+    """Every (layers × combine × heads × key × bound × backend × checkpointing); for layers='none'
+    the LAM switches change nothing, so that baseline is run once per backend × checkpointing."""
+    cases = []
+    for combo in itertools.product(
+        ["all", "first", "none", [0, 2]], ["mul", "add"], ["shared", "per_head"], ["position", "token"],
+        ["none", "sigmoid"], ["dense", "chunked"], [False, True],
+    ):
+        layers, combine, heads, key, bound, backend, ckpt = combo
+        if layers == "none" and (combine, heads, key, bound) != ("mul", "shared", "position", "none"):
+            continue
+        name = "-".join(["0,2" if isinstance(layers, list) else layers, combine, heads, key, bound, backend,
+                         "ckpt" if ckpt else "nockpt"])
+        cases.append(pytest.param(*combo, id=name))
+    return cases
+
+
+@pytest.mark.parametrize("layers,combine,heads,key,bound,backend,checkpointing", _switch_combinations())
+def test_every_switch_trains(layers, combine, heads, key, bound, backend, checkpointing) -> None:
+    torch.manual_seed(0)
+    cfg = _cfg(dropout=0.1, checkpointing=checkpointing, layers=layers, combine=combine, heads=heads,
+               key=key, bound=bound, backend=backend)
+    model = Encoder(cfg).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = _batch()
+    for _ in range(2):  # at init g ≡ 0 blocks dM/dh; after one step every generator param must learn
+        opt.zero_grad()
+        out = model(*batch)
+        assert out.shape == (B, T, cfg.dim)
+        out.square().mean().backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        opt.step()
+    for name, p in model.named_parameters():
+        if ".mask_gen." in name:
+            assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
+
+
+@pytest.mark.parametrize("backend", ["dense", "chunked"])
+def test_checkpointing_gives_same_grads(backend: str) -> None:
+    torch.manual_seed(0)
+    plain = Encoder(_cfg(checkpointing=False, backend=backend, combine="add", heads="per_head")).train()
+    ckpt = Encoder(_cfg(checkpointing=True, backend=backend, combine="add", heads="per_head")).train()
+    for gen in plain.mask_generators():  # move the masks off identity so they matter
+        gen.key_bias.data.normal_()
+    ckpt.load_state_dict(plain.state_dict())
+    batch = _batch(1)
+    plain(*batch).square().sum().backward()
+    ckpt(*batch).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+def test_mask_maps() -> None:
+    torch.manual_seed(0)
+    model = Encoder(_cfg(layers=[0, 2], heads="per_head", combine="add", bound="none")).train()
+    video, video_valid, text, text_valid = batch = _batch()
+    maps = model.mask_maps(*batch, sample=1)
+    assert model.training, "mask_maps must restore training mode"
+    n = int(video_valid[1].sum() + text_valid[1].sum())
+    assert [i for i, _ in maps] == [0, 2]
+    for _, m in maps:
+        assert m.shape == (2, n, n) and m.dtype == torch.float32 and not m.requires_grad
+        assert torch.equal(m, torch.zeros_like(m))  # identity init, add mode
+    # after moving off identity, the map equals the generator's dense mask on the valid tokens
+    gen = model.blocks[0].attn.mask_gen
+    gen.key_weight.data.normal_()
+    (_, m0), _ = model.mask_maps(*batch, sample=1)
+    model.eval()
+    with torch.no_grad():
+        x, valid = model._embed(*batch)
+        full = gen(model.blocks[0].norm1(x)).dense()[1]
+    idx = valid[1].nonzero().squeeze(1)
+    torch.testing.assert_close(m0, full[:, idx][:, :, idx])
+    # long sequences can be subsampled for the image
+    (_, small), _ = model.mask_maps(*batch, sample=1, max_tokens=5)
+    assert small.shape == (2, 5, 5)
+
+
+def test_mask_maps_vanilla_is_empty() -> None:
+    assert Encoder(_cfg(layers="none")).mask_maps(*_batch()) == []
+
+
+def test_too_long_inputs_raise() -> None:
+    model = Encoder(_cfg())
+    video, video_valid, text, text_valid = _batch()
+    with pytest.raises(ValueError, match="max_clips"):
+        model(torch.randn(B, 9, 6), torch.ones(B, 9, dtype=torch.bool), text, text_valid)
+    with pytest.raises(ValueError, match="max_len"):  # N = 8 + 4 fits max_len 12; shrink it
+        Encoder(dataclasses.replace(_cfg(), max_clips=9))(
+            torch.randn(B, 9, 6), torch.ones(B, 9, dtype=torch.bool), text, text_valid
+        )
