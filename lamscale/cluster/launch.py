@@ -22,9 +22,13 @@ def run_url_for(cfg: Config) -> str:
 def _ensure_sample(cfg: Config) -> None:
     """The embedded sample's shards are generated deterministically on first use."""
     urls = expand_urls(cfg.data.train) + expand_urls(cfg.data.val)
-    if not all(u.startswith(str(SAMPLE_DIR)) for u in urls) or (SAMPLE_DIR / "manifest.json").exists():
+    if not all(u.startswith(str(SAMPLE_DIR)) for u in urls):
         return
-    from lamscale.data.sample import build_sample
+    from lamscale.data.sample import GENERATOR_VERSION, build_sample
+
+    manifest = SAMPLE_DIR / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("generator_version") == GENERATOR_VERSION:
+        return
 
     print(f"[lamscale] generating the embedded sample shards in {SAMPLE_DIR} (first use)", flush=True)
     build_sample(str(SAMPLE_DIR), cfg.model.video_dim, cfg.model.text_dim, cfg.model.max_text)

@@ -19,7 +19,8 @@ from lamscale.data.schema import MomentSample
 from lamscale.data.writer import write_manifest, write_shards
 
 ANNOTATIONS = Path(__file__).resolve().parents[2] / "shards" / "qvhighlights_sample"
-QUERY_SIGNAL, GENERIC_SIGNAL, SCENE_STD = 2.5, 1.0, 0.7
+QUERY_SIGNAL, GENERIC_SIGNAL, SCENE_STD = 4.0, 2.5, 0.7
+GENERATOR_VERSION = 2  # bump when the generated features change: old shards are then rebuilt
 
 
 def word_vector(word: str, dim: int) -> np.ndarray:
@@ -55,7 +56,7 @@ class FeatureGenerator:
             start = end
         for clip, scores in zip(ann["relevant_clip_ids"], ann["saliency_scores"]):
             if clip < n_clips:
-                strength = 0.4 + 0.6 * float(np.mean(scores)) / 4.0
+                strength = 0.25 + 0.75 * (float(np.mean(scores)) / 4.0) ** 2  # steeper for the most salient
                 video[clip] += strength * (QUERY_SIGNAL * query_dir + GENERIC_SIGNAL * self.generic)
         meta = {k: ann[k] for k in ("qid", "vid", "query", "duration", "relevant_windows", "relevant_clip_ids", "saliency_scores")}
         meta["clip_len"] = self.clip_len
@@ -66,7 +67,7 @@ def build_sample(out_dir: str, video_dim: int = 64, text_dim: int = 32, max_text
                  train_shards: int = 4, val_shards: int = 2) -> dict:
     """Write train/val shards + manifest.json into `out_dir`; returns the manifest."""
     gen = FeatureGenerator(video_dim, text_dim, max_text)
-    manifest = {"dataset": "qvhighlights-sample", "feature_dims": {"video": video_dim, "text": text_dim}, "splits": {}}
+    manifest = {"dataset": "qvhighlights-sample", "generator_version": GENERATOR_VERSION, "feature_dims": {"video": video_dim, "text": text_dim}, "splits": {}}
     for split, n_shards in (("train", train_shards), ("val", val_shards)):
         anns = [json.loads(line) for line in (ANNOTATIONS / f"{split}.jsonl").read_text().splitlines() if line]
         manifest["splits"][split] = write_shards((gen(a) for a in anns), len(anns), out_dir, split, n_shards)

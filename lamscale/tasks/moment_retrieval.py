@@ -84,11 +84,14 @@ def losses(out: dict[str, torch.Tensor], batch: MomentBatch, cfg: TaskConfig) ->
     true_win = torch.stack([-batch.offsets[..., 0], batch.offsets[..., 1]], -1)
     giou = ((1 - _giou_1d(pred_win, true_win)) * fg).sum() / n_fg
 
-    # margin ranking: a clip annotated as more salient must score higher (unannotated clips = −1)
+    # margin ranking: a clip annotated as more salient must score higher (unannotated clips = −1).
+    # Relevant-vs-background pairs far outnumber pairs inside the moment; average each kind on its
+    # own so the finer ordering that highlight detection is scored on is not drowned out.
     sal, target = out["saliency"].float(), batch.saliency
     pairs = (target[:, :, None] > target[:, None, :]) & batch.video_valid[:, :, None] & batch.video_valid[:, None, :]
     hinge = F.relu(cfg.saliency_margin - (sal[:, :, None] - sal[:, None, :]))
-    saliency = (hinge * pairs).sum() / pairs.sum().clamp(min=1)
+    inside = pairs & (target[:, None, :] >= 0)
+    saliency = sum((hinge * kind).sum() / kind.sum().clamp(min=1) for kind in (pairs & ~inside, inside))
 
     parts = {"focal": focal, "l1": l1, "giou": giou, "saliency": saliency}
     total = cfg.w_focal * focal + cfg.w_l1 * l1 + cfg.w_giou * giou + cfg.w_saliency * saliency

