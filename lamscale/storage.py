@@ -84,6 +84,18 @@ def download(url: str, local: str) -> None:
     retry(lambda: fs.get_file(path, local), f"download {url}")
 
 
+def remove_tree(url: str) -> None:
+    """Delete everything under `url`, including the empty "directory" entry some S3 servers keep."""
+    fs, path = fs_for(url)
+    retry(lambda: fs.rm(path, recursive=True), f"remove {url}")
+    if not is_local(url):
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+    fs.invalidate_cache()
+
+
 def exists(url: str) -> bool:
     fs, path = fs_for(url)
     return fs.exists(path)

@@ -71,6 +71,13 @@ class SeaweedFS:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
+    def fs(self):
+        """An s3fs filesystem on this server."""
+        import fsspec
+
+        return fsspec.filesystem("s3", endpoint_url=self.endpoint, key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                 secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
+
     def make_bucket(self, name: str) -> None:
         import boto3
 

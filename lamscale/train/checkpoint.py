@@ -59,6 +59,7 @@ def _sha256(path: str) -> str:
 def committed_steps(run_url: str) -> list[int]:
     """Steps of the committed checkpoints in `run_url`, oldest first."""
     fs, root = storage.fs_for(storage.join(run_url, "checkpoints"))
+    fs.invalidate_cache()  # object-store listings are cached per process; other ranks/runs write here
     if not fs.exists(root):
         return []
     steps = []
@@ -105,13 +106,14 @@ class CheckpointStore:
     def _prune(self, newest: int) -> None:
         steps = committed_steps(self.run_url)
         for step in steps[: max(0, len(steps) - self.keep_last)]:
-            self.fs.rm(storage.fs_for(self.url(step))[1], recursive=True)
+            storage.remove_tree(self.url(step))
         # uncommitted leftovers older than the newest commit are dead saves
         root = storage.fs_for(storage.join(self.run_url, "checkpoints"))[1]
+        self.fs.invalidate_cache()
         for entry in self.fs.ls(root, detail=False):
             m = STEP_DIR.search(entry.rstrip("/"))
             if m and int(m.group(1)) < newest and int(m.group(1)) not in steps:
-                self.fs.rm(entry, recursive=True)
+                storage.remove_tree(self.url(int(m.group(1))))
 
     def load(self, engine, step: int) -> tuple[dict, dict]:
         """Restore engine + this rank's state from committed `step`; returns (rank_state, trainer_state)."""
