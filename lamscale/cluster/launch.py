@@ -71,7 +71,7 @@ def _start_ray(cfg: Config, address: str) -> None:
         ray.init(address=address, log_to_driver=True)
     else:  # a private in-process cluster sized for this run
         need = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999)
-        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False,
+        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
                  object_store_memory=256 * 2**20, log_to_driver=True)
 
 
