@@ -41,6 +41,41 @@ def _cmd_shards_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from lamscale.bench.report import write
+
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    if args.what == "attention":
+        from lamscale.bench.attention import CASES, bench_attention
+
+        cases = args.cases.split(",") if args.cases else [c for c in CASES if device == "cuda" or not c.startswith(("triton", "flex"))]
+        lengths = _ints(args.lengths) if args.lengths else ([4096, 8192, 16384, 32768, 65536] if device == "cuda" else [1024, 2048, 4096])
+        heads, head_dim = (args.heads or (12 if device == "cuda" else 4)), (args.head_dim or (64 if device == "cuda" else 32))
+        results = bench_attention(lengths, cases, device, heads, head_dim, args.rank, args.dtype or ("bfloat16" if device == "cuda" else "float32"), args.block, args.repeats)
+    else:
+        from lamscale.bench.encoder import VARIANTS, bench_encoder
+
+        variants = args.cases.split(",") if args.cases else [v for v in VARIANTS if device == "cuda" or "triton" not in v]
+        lengths = _ints(args.lengths) if args.lengths else ([8192, 36000] if device == "cuda" else [2048])
+        gpu = device == "cuda"
+        results = bench_encoder(lengths, variants, device, args.dim or (768 if gpu else 128), args.layers or (12 if gpu else 2),
+                                args.heads or (12 if gpu else 4), args.block, args.dtype or ("bfloat16" if gpu else "float32"), args.repeats)
+    print(results["table"])
+    out = args.out or f"docs/bench/{args.what}_{device}"
+    print("wrote " + ", ".join(write(results, out)))
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lamscale", description="Train LAM Transformer encoders on long multimodal sequences.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--video-dim", type=int, default=64)
     sample.add_argument("--text-dim", type=int, default=32)
     sample.set_defaults(func=_cmd_shards_sample)
+    b = sub.add_parser("bench", help="performance suite: fwd+bwd time and peak memory against N")
+    b.add_argument("what", choices=["attention", "encoder"])
+    b.add_argument("--device", choices=["cpu", "cuda"], default="")
+    b.add_argument("--lengths", default="", help="comma-separated N values")
+    b.add_argument("--cases", default="", help="comma-separated cases (attention) or variants (encoder)")
+    b.add_argument("--heads", type=int, default=0)
+    b.add_argument("--head-dim", type=int, default=0)
+    b.add_argument("--dim", type=int, default=0)
+    b.add_argument("--layers", type=int, default=0)
+    b.add_argument("--rank", type=int, default=16)
+    b.add_argument("--block", type=int, default=256)
+    b.add_argument("--dtype", default="", choices=["", "float32", "bfloat16", "float16"])
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--out", default="", help="output prefix (default docs/bench/<what>_<device>)")
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

@@ -1,14 +1,13 @@
 """Shared fixtures: the repo root, the embedded sample shards, a real SeaweedFS server."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))  # for tests/seaweed.py
+sys.path.insert(0, str(Path(__file__).parent))  # for tests/helpers.py and tests/seaweed.py
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +36,3 @@ def seaweedfs(tmp_path_factory):
     server.make_bucket("lamscale-test")
     yield server
     server.stop()
-
-
-def lamscale_env(extra: dict | None = None) -> dict:
-    """Environment for a `python -m lamscale` subprocess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0", **(extra or {})}
-    env.pop("RAY_ADDRESS", None)
-    return env

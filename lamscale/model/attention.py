@@ -74,13 +74,60 @@ def _chunked(
     return torch.cat(outs, dim=2)
 
 
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, mask: Optional[LowRankMask], combine: str, block: int) -> Tensor:
+    """Additive LAM as plain SDPA: with scale 1/√d, [q, √d·h, √d]·[k, g, c] /√d = q·k/√d + h·g + c.
+
+    M rides along as r+1 extra head dims, so one fused SDPA call (flash on GPU) is exact and O(N).
+    Padded keys get a large negative offset on the c column instead of a boolean mask, which would
+    force SDPA off its fused kernels.
+    """
+    B, H, N, d = q.shape
+    pad_bias = (~key_valid)[:, None, :].to(q.dtype) * torch.finfo(q.dtype).min / 4  # (B, 1, N), exp → 0
+    if mask is None:
+        q2, k2, e = q, k, d
+        if not key_valid.all():
+            q2 = torch.cat([q, q.new_full((B, H, N, 1), d**0.5)], -1)
+            k2 = torch.cat([k, pad_bias[:, :, :, None].expand(B, H, N, 1) / d**0.5], -1)
+    else:
+        if combine != "add" or mask.bound != "none":
+            raise ValueError("the sdpa backend computes combine='add' with bound='none'; use chunked or triton")
+        root = d**0.5
+        h = mask.h.expand(B, H, N, -1)
+        g = mask.g.expand(B, H, N, -1)
+        c = (mask.c.expand(B, H, N) + pad_bias / root).unsqueeze(-1)
+        q2 = torch.cat([q, h * root, q.new_full((B, H, N, 1), root)], -1)
+        k2 = torch.cat([k, g.to(k.dtype), c.to(k.dtype)], -1)
+    e = q2.shape[-1]
+    v2 = v if e == d else torch.nn.functional.pad(v, (0, e - d))  # fused kernels want equal head dims
+    out = torch.nn.functional.scaled_dot_product_attention(q2, k2, v2, scale=d**-0.5)
+    return out[..., :d]
+
+
+def select_backend(device: torch.device, combine: str, bound: str, n: int) -> str:
+    """The fastest exact backend for this device, LAM mode and length (`backend: auto`)."""
+    if combine == "add" and bound == "none":
+        return "sdpa"  # one fused call on any device
+    if device.type == "cuda":
+        from lamscale.model.triton_lam import triton_available
+
+        if triton_available():
+            return "triton"
+    return "chunked" if n > 1024 else "dense"
+
+
 def _factors(mask: Optional[LowRankMask]) -> tuple:
     if mask is None:
         return None, None, None, "none"
     return mask.h, mask.g, mask.c, mask.bound
 
 
-BACKENDS: dict[str, Callable[..., Tensor]] = {"dense": _dense, "chunked": _chunked}
+def _triton(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, mask: Optional[LowRankMask], combine: str, block: int) -> Tensor:
+    from lamscale.model.triton_lam import triton_attention  # triton is optional: import on use
+
+    return triton_attention(q, k, v, key_valid, mask, combine)
+
+
+BACKENDS: dict[str, Callable[..., Tensor]] = {"dense": _dense, "chunked": _chunked, "sdpa": _sdpa, "triton": _triton}
 
 
 def attention(
@@ -97,6 +144,8 @@ def attention(
 
     mask=None is vanilla attention through the same code path. Returns (B, H, N, d).
     """
+    if backend == "auto":
+        backend = select_backend(q.device, combine, mask.bound if mask is not None else "none", q.shape[2])
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {sorted(BACKENDS)}")
     if combine not in COMBINES:

@@ -13,15 +13,6 @@ from lamscale.model import Encoder, MaskGenerator
 B, T, L = 2, 7, 4  # N = 11 tokens: not a multiple of the chunked block (6)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add sync cost (and stall badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cfg(dropout: float = 0.0, checkpointing: bool = False, **lam) -> ModelConfig:
     lam = {"rank": 3, "hidden": 8, "max_len": 12, "block": 6, **lam}
     return ModelConfig(

@@ -5,23 +5,13 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lamscale.config import LAMConfig
+from helpers import NumelRecorder
 from lamscale.model import LowRankMask, MaskGenerator, attention
 from lamscale.model.attention import Attention
 
 B, H, D_HEAD, R = 2, 3, 4, 3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add sync cost (and stall badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _qkv(n: int, dtype=torch.float64, heads: int = H, batch: int = B) -> list[torch.Tensor]:
@@ -156,21 +146,6 @@ def test_bad_switches_raise() -> None:
         attention(q, k, v, combine="pow")
 
 
-class _NumelRecorder(TorchDispatchMode):
-    """Records the largest tensor any op produces (forward, recomputation and backward)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("hm", [1, 2], ids=["shared", "per_head"])
 def test_chunked_never_allocates_n_by_n(hm: int) -> None:
     n, block = 512, 64
@@ -183,7 +158,7 @@ def test_chunked_never_allocates_n_by_n(hm: int) -> None:
         c = torch.randn(1, hm, n, requires_grad=True)
         valid = torch.ones(1, n, dtype=torch.bool)
         valid[0, -7:] = False
-        with _NumelRecorder() as rec:
+        with NumelRecorder() as rec:
             mask = LowRankMask(h, g, c, "sigmoid")
             out = attention(q, k, v, mask, valid, combine="mul", backend=backend, block=block)
             out.square().sum().backward()

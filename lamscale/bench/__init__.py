@@ -1,0 +1,1 @@
+"""Performance suite (`lamscale bench …`): numbers go to docs/benchmarks.md, never into timed tests."""

@@ -1,0 +1,71 @@
+"""`lamscale bench encoder`: a training step (fwd+bwd+AdamW) of the LAM encoder vs the vanilla one."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import torch
+
+from lamscale.bench.common import Case, baseline_at, environment, markdown_table, run_cases
+from lamscale.config import LAMConfig, ModelConfig
+
+TEXT_TOKENS = 32
+# name → (lam.layers, lam.combine, backend)
+VARIANTS = {
+    "vanilla-sdpa": ("none", "mul", "sdpa"),
+    "vanilla-chunked": ("none", "mul", "chunked"),
+    "lam-mul-chunked": ("all", "mul", "chunked"),
+    "lam-add-sdpa": ("all", "add", "sdpa"),
+    "lam-mul-triton": ("all", "mul", "triton"),
+}
+
+
+def model_config(variant: str, n: int, dim: int, layers: int, heads: int, block: int) -> ModelConfig:
+    lam_layers, combine, backend = VARIANTS[variant]
+    lam = LAMConfig(layers=lam_layers, combine=combine, key="token", backend=backend, block=block, rank=16)
+    return ModelConfig(dim=dim, layers=layers, heads=heads, video_dim=64, text_dim=32, dropout=0.0,
+                       max_clips=n - TEXT_TOKENS, max_text=TEXT_TOKENS, checkpointing=True, lam=lam)
+
+
+def encoder_case(variant: str, n: int, dim: int, layers: int, heads: int, block: int, dtype: str,
+                 device: str) -> Callable[[], None]:
+    from lamscale.model.encoder import Encoder
+
+    torch.manual_seed(0)
+    cfg = model_config(variant, n, dim, layers, heads, block)
+    model = Encoder(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    video = torch.randn(1, n - TEXT_TOKENS, 64, device=device)
+    text = torch.randn(1, TEXT_TOKENS, 32, device=device)
+    vv = torch.ones(1, n - TEXT_TOKENS, dtype=torch.bool, device=device)
+    tv = torch.ones(1, TEXT_TOKENS, dtype=torch.bool, device=device)
+    dt = getattr(torch, dtype)
+
+    def step() -> None:
+        with torch.autocast(device_type=device, dtype=dt, enabled=dt != torch.float32):
+            loss = model(video, vv, text, tv).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_encoder(lengths: list[int], variants: list[str], device: str, dim: int, layers: int, heads: int,
+                  block: int, dtype: str, repeats: int) -> dict:
+    def build(n: int, variant: str) -> Case:
+        return functools.partial(encoder_case, variant, n, dim, layers, heads, block, dtype, device)
+
+    rows = run_cases(lengths, variants, build, device, repeats, "bench encoder")
+    for row in rows:
+        if "ms" in row:
+            row["tokens_per_s"] = row["N"] / (row["ms"] / 1000)
+    for row in rows:
+        base = baseline_at(rows, row["N"], "vanilla-sdpa")
+        if base and "ms" in row:
+            row["x_vanilla_tokens_per_s"] = row["tokens_per_s"] / base["tokens_per_s"]
+    settings = {"dim": dim, "layers": layers, "heads": heads, "block": block, "dtype": dtype, "batch": 1,
+                "checkpointing": True, "lam": dataclasses.asdict(LAMConfig(key="token"))}
+    return {"kind": "encoder", "env": environment(device), "settings": settings, "rows": rows,
+            "table": markdown_table(rows, ["N", "case", "ms", "tokens_per_s", "x_vanilla_tokens_per_s", "peak_mib", "error"])}

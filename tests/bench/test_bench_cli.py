@@ -1,0 +1,24 @@
+"""The benchmark commands run and write their JSON, table and plot (no timing is asserted here)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import lamscale_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_attention_and_encoder_write_reports(repo_root, tmp_path):
+    for what, cases in (("attention", "sdpa-nomask,dense-mul,chunked-mul,sdpa-add"), ("encoder", "vanilla-sdpa,lam-mul-chunked")):
+        out = tmp_path / what
+        result = subprocess.run([sys.executable, "-m", "lamscale", "bench", what, "--device", "cpu", "--lengths", "96",
+                                 "--cases", cases, "--repeats", "1", "--out", str(out)],
+                                cwd=repo_root, env=lamscale_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = json.loads((tmp_path / f"{what}.json").read_text())
+        assert [r["case"] for r in report["rows"]] == cases.split(",")
+        assert all("error" not in r and r["ms"] > 0 for r in report["rows"]), report["rows"]
+        assert report["env"]["torch"].startswith("2.") and (tmp_path / f"{what}.png").stat().st_size > 10_000
+        assert "| N | case |" in (tmp_path / f"{what}.md").read_text()
