@@ -2,11 +2,14 @@
 
     S = Q Kᵀ/√d;  mul: S ⊙ M,  add: S + M;  padded keys → −inf;  softmax;  · V
 
-Every backend runs the same per-block function `_attend`, with or without a mask, so a LAM whose
-mask is at its identity init gives bit-identical outputs to vanilla attention on that backend.
-- dense:   one block covering all queries (materialises S and M: reference and tests).
-- chunked: query blocks of `block` rows; the mask tile h_blk Gᵀ + c is built per block, and each
-           block is checkpointed, so forward and backward memory are O(block·N), never N×N.
+Each backend computes the vanilla case (no mask) through its own masked code path, so a LAM at its
+identity init gives bit-identical outputs to vanilla attention on that backend.
+- dense:   materialises S and M (the reference, for tests and small N).
+- chunked: query blocks of `block` rows with the mask tile h_blk Gᵀ + c built per block and a
+           hand-written backward (chunked.py): O(block·N) memory in both passes, never N×N.
+- sdpa:    additive LAM folded into q/k as r+1 extra head dims: one fused SDPA call, O(N).
+- triton:  one fused kernel computing the mask tile beside S = QKᵀ, forward and backward.
+- auto:    the fastest exact backend for the device, mode and N.
 """
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lamscale.config import LAMConfig
+from lamscale.model.chunked import chunked_attention
 from lamscale.model.lam import LowRankMask, MaskGenerator, mask_tile
 
 COMBINES = ("mul", "add")
@@ -63,15 +66,7 @@ def _chunked(
     q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, mask: Optional[LowRankMask], combine: str, block: int
 ) -> Tensor:
     h, g, c, bound = _factors(mask)
-    tensors = [t for t in (q, k, v, h, g, c) if t is not None]
-    # Checkpoint each block: backward then keeps only the block's inputs, not its (block × N) tiles.
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    outs = []
-    for start in range(0, q.shape[2], block):
-        rows = slice(start, start + block)
-        args = (q[:, :, rows], k, v, key_valid, None if h is None else h[:, :, rows], g, c, combine, bound)
-        outs.append(checkpoint(_attend, *args, use_reentrant=False) if recompute else _attend(*args))
-    return torch.cat(outs, dim=2)
+    return chunked_attention(q, k, v, key_valid, h, g, c, combine, bound, block)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, mask: Optional[LowRankMask], combine: str, block: int) -> Tensor:
