@@ -1,7 +1,6 @@
 """`lamscale bench encoder`: a training step (fwd+bwd+AdamW) of the LAM encoder vs the vanilla one."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable
 
@@ -66,6 +65,7 @@ def bench_encoder(lengths: list[int], variants: list[str], device: str, dim: int
         if base and "ms" in row:
             row["x_vanilla_tokens_per_s"] = row["tokens_per_s"] / base["tokens_per_s"]
     settings = {"dim": dim, "layers": layers, "heads": heads, "block": block, "dtype": dtype, "batch": 1,
-                "checkpointing": True, "lam": dataclasses.asdict(LAMConfig(key="token"))}
+                "checkpointing": True, "lam": {"rank": 16, "key": "token", "heads": "shared", "bound": "none"},
+                "variants (lam.layers, lam.combine, backend)": {v: VARIANTS[v] for v in variants}}
     return {"kind": "encoder", "env": environment(device), "settings": settings, "rows": rows,
             "table": markdown_table(rows, ["N", "case", "ms", "tokens_per_s", "x_vanilla_tokens_per_s", "peak_mib", "error"])}
