@@ -29,14 +29,6 @@ VALUE_TOL = dict(atol=1e-5, rtol=1e-4)
 GRAD_TOL = dict(atol=3e-5, rtol=3e-4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _qkv(n: int, d: int = D_HEAD, dtype=torch.float32) -> list[torch.Tensor]:
     return [torch.randn(B, H, n, d, dtype=dtype, requires_grad=True) for _ in range(3)]
 
