@@ -177,7 +177,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, key_valid: Optional[Tensor] = None) -> Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        mask = self.mask_gen(x) if self.mask_gen is not None else None
+        mask = self.mask_gen.mask(x) if self.mask_gen is not None else None
         out = attention(q, k, v, mask, key_valid, combine=self.combine, backend=self.backend, block=self.block)
         return self.drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))
 

@@ -145,7 +145,7 @@ class Encoder(nn.Module):
             maps = []
             for i, blk in enumerate(self.blocks[: max(self.lam_layers, default=-1) + 1]):
                 if blk.attn.mask_gen is not None:
-                    mask = blk.attn.mask_gen(blk.norm1(x))  # the layer's own attention input
+                    mask = blk.attn.mask_gen.mask(blk.norm1(x))  # the layer's own attention input
                     maps.append((i, mask.select(0, index).dense()[0].float().cpu()))
                 x = blk(x, valid)
         finally:

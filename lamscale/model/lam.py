@@ -131,7 +131,9 @@ class MaskGenerator(nn.Module):
                 bias[:, : self.rank] = 0.0
                 bias[:, self.rank] = self.init_value
 
-    def forward(self, x: Tensor) -> LowRankMask:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The factors (h, g, c) as plain tensors: ZeRO-3's hooks only see tensors in a module's output,
+        and they must see these to gather the key table again before its backward."""
         B, N, _ = x.shape
         hm, r = self.mask_heads, self.rank
         h = self.query_mlp(x).view(B, N, hm, r).transpose(1, 2)  # (B, Hm, N, r)
@@ -146,6 +148,10 @@ class MaskGenerator(nn.Module):
         else:
             gc = self.key_mlp(x).view(B, N, hm, r + 1).transpose(1, 2)  # (B, Hm, N, r+1)
             g, c = gc[..., :r], gc[..., r]
+        return h, g, c
+
+    def mask(self, x: Tensor) -> LowRankMask:
+        h, g, c = self(x)
         return LowRankMask(h=h, g=g, c=c, bound=self.bound)
 
     def extra_repr(self) -> str:

@@ -143,7 +143,7 @@ def test_mask_maps() -> None:
     model.eval()
     with torch.no_grad():
         x, valid = model._embed(*batch)
-        full = gen(model.blocks[0].norm1(x)).dense()[1]
+        full = gen.mask(model.blocks[0].norm1(x)).dense()[1]
     idx = valid[1].nonzero().squeeze(1)
     torch.testing.assert_close(m0, full[:, idx][:, :, idx])
     # long sequences can be subsampled for the image

@@ -98,7 +98,7 @@ def test_identity_init_is_bit_identical_to_vanilla(combine: str, bound: str, hea
     cfg = LAMConfig(combine=combine, bound=bound, heads=heads, key=key, rank=R, hidden=8, max_len=32)
     gen = MaskGenerator(dim, H, cfg)
     x = torch.randn(B, n, dim)
-    mask = gen(x)
+    mask = gen.mask(x)
     expected = 1.0 if (combine == "mul" or bound == "sigmoid") else 0.0
     assert torch.equal(mask.dense(), torch.full((B, mask.num_heads, n, n), expected))
     assert mask.h.abs().sum() > 0, "h must not be zero at init, or the generator never learns"
@@ -116,7 +116,7 @@ def test_identity_init_is_bit_identical_to_vanilla(combine: str, bound: str, hea
 def test_generator_shapes(heads: str, expected_hm: int, key: str) -> None:
     n, dim = 9, 12
     gen = MaskGenerator(dim, H, LAMConfig(heads=heads, key=key, rank=R, hidden=8, max_len=16))
-    mask = gen(torch.randn(B, n, dim))
+    mask = gen.mask(torch.randn(B, n, dim))
     key_batch = 1 if key == "position" else B
     assert mask.h.shape == (B, expected_hm, n, R)
     assert mask.g.shape == (key_batch, expected_hm, n, R)
