@@ -29,6 +29,7 @@ class Trainer:
         self.stream = TrainStream(cfg.data.train, rank, world, cfg.train.seed, cfg.data.shuffle_buffer)
         self.store = CheckpointStore(run_url, rank, world, cfg.train.keep_last)
         self.step, self.samples_seen, self.tokens_seen = 0, 0, 0
+        self.chance: dict | None = None  # metrics of random predictions, computed at the first eval
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # per-rank dropout stream
         steps = committed_steps(run_url)
         if steps:
@@ -120,12 +121,14 @@ class Trainer:
         predictions = sorted((p for ps, _ in gathered for p in ps), key=lambda p: p["qid"])
         truths = sorted((g for _, gs in gathered for g in gs), key=lambda g: g["qid"])
         metrics = official_metrics(predictions, truths)
-        chance = official_metrics(task.random_predictions(truths, self.cfg.task, self.cfg.data.clip_len), truths)
+        if self.chance is None:  # the val set never changes within a run: score chance once
+            self.chance = official_metrics(task.random_predictions(truths, self.cfg.task, self.cfg.data.clip_len), truths)
+            storage.write_bytes(storage.join(self.run_url, "metrics_val_random.json"), json.dumps(self.chance, indent=4).encode())
+        chance = self.chance
         lines = "".join(json.dumps(p) + "\n" for p in predictions)
         storage.write_bytes(storage.join(self.run_url, "predictions_val.jsonl"), lines.encode())
         report = {"step": self.step, **metrics}
         storage.write_bytes(storage.join(self.run_url, "metrics_val.json"), json.dumps(report, indent=4).encode())
-        storage.write_bytes(storage.join(self.run_url, "metrics_val_random.json"), json.dumps(chance, indent=4).encode())
         brief = metrics["brief"]
         self.monitor.scalars(self.step, {k: v for k, v in brief.items()}, "val/")
         self.monitor.mask_images(self.step, maps)
