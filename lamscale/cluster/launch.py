@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import yaml
@@ -11,6 +12,7 @@ from lamscale import storage
 from lamscale.config import Config, ConfigError
 from lamscale.data.stream import absolute_pattern, check_shards, expand_urls
 from lamscale.train.checkpoint import committed_steps
+from lamscale.train.preempt import STOP_FILE, clear_stop, request_stop
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shards" / "tiny"
 
@@ -91,6 +93,8 @@ def train(cfg: Config, address: str = "") -> str:
     from lamscale.train.loop import train_worker
 
     _start_ray(cfg, address or cfg.cluster.address)
+    clear_stop(run_url)  # a request left by an earlier preempted run is spent
+    previous = signal.signal(signal.SIGTERM, lambda *_: _on_sigterm(run_url))
     c = cfg.cluster
     trainer = TorchTrainer(
         train_worker,
@@ -100,12 +104,26 @@ def train(cfg: Config, address: str = "") -> str:
         run_config=RunConfig(name="ray", storage_path=run_url if storage.is_local(run_url) else None,
                              failure_config=FailureConfig(max_failures=c.max_failures)),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if storage.exists(storage.join(run_url, STOP_FILE)):
+        clear_stop(run_url)
+        steps = committed_steps(run_url)
+        print(f"[lamscale] preempted: checkpoint step {steps[-1] if steps else 0} is committed in {run_url}; "
+              f"resume with the same command or `lamscale resume {run_url}`", flush=True)
+        return run_url
     summary = storage.join(run_url, "metrics_val.json")
     if storage.exists(summary):
         brief = json.loads(storage.read_bytes(summary))["brief"]
         print(f"[lamscale] done: {run_url}\n" + json.dumps(brief, indent=2), flush=True)
     return run_url
+
+
+def _on_sigterm(run_url: str) -> None:
+    print("[lamscale] SIGTERM: saving at the next step boundary, then exiting", flush=True)
+    request_stop(run_url)
 
 
 def load_run_config(run: str, overrides: list[str]) -> Config:

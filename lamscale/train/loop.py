@@ -18,6 +18,7 @@ from lamscale.tasks.qvhighlights_metrics import evaluate as official_metrics
 from lamscale.train.checkpoint import CheckpointStore, committed_steps
 from lamscale.train.engine import build_engine
 from lamscale.train.monitor import Monitor
+from lamscale.train.preempt import StopFlag
 
 
 class Trainer:
@@ -30,6 +31,7 @@ class Trainer:
         self.store = CheckpointStore(run_url, rank, world, cfg.train.keep_last)
         self.step, self.samples_seen, self.tokens_seen = 0, 0, 0
         self.chance: dict | None = None  # metrics of random predictions, computed at the first eval
+        self.stop = StopFlag(run_url, rank)
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # per-rank dropout stream
         steps = committed_steps(run_url)
         if steps:
@@ -73,9 +75,15 @@ class Trainer:
                 window_start, data_wait, window_samples = time.perf_counter(), 0.0, 0
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
                 self.evaluate()
-            if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+            saved = self.step % t.ckpt_every == 0 or self.step == t.max_steps
+            if saved:
                 self.save()
-        if not storage.exists(storage.join(self.run_url, "metrics_val.json")):
+            if self.step < t.max_steps and self.stop.agreed():  # every rank sees the same answer
+                if not saved:
+                    self.save()
+                self.say(f"stopped at step {self.step} on request (SIGTERM); run the same command to resume")
+                break
+        if self.step == t.max_steps and not storage.exists(storage.join(self.run_url, "metrics_val.json")):
             self.evaluate()  # a run resumed from its final checkpoint before its final eval was written
         if self.monitor:
             self.monitor.close()

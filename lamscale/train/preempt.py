@@ -1,0 +1,37 @@
+"""Preemption: a SIGTERM to the driver becomes a stop request in run storage; every rank agrees on it
+at the same step boundary (a collective), saves a checkpoint and returns.
+
+Ray Train runs the training function off the worker's main thread, where no signal handler can be
+installed, so the driver (whose main thread can) is the one that listens.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from lamscale import storage
+
+STOP_FILE = "STOP_REQUESTED"
+
+
+def request_stop(run_url: str) -> None:
+    storage.write_bytes(storage.join(run_url, STOP_FILE), b"SIGTERM\n")
+
+
+def clear_stop(run_url: str) -> None:
+    if storage.exists(storage.join(run_url, STOP_FILE)):
+        fs, path = storage.fs_for(storage.join(run_url, STOP_FILE))
+        fs.rm_file(path)
+
+
+class StopFlag:
+    """Rank 0 looks for the stop request; an all-reduce makes every rank see the same answer."""
+
+    def __init__(self, run_url: str, rank: int):
+        self.url, self.rank = storage.join(run_url, STOP_FILE), rank
+
+    def agreed(self) -> bool:
+        local = 1.0 if self.rank == 0 and storage.exists(self.url) else 0.0
+        flag = torch.tensor([local])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
