@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from helpers import lamscale_env
+from conftest import lamscale_env
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from helpers import lamscale_env
+from conftest import lamscale_env
 
 
 def run_cli(repo_root, *args, env=None):

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from helpers import lamscale_env
+from conftest import lamscale_env
 
 pytestmark = pytest.mark.slow
 SHORT = ["train.eval_every=4", "train.ckpt_every=2", "train.log_every=2", "data.batch_size=8"]

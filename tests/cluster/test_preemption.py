@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from helpers import lamscale_env
+from conftest import lamscale_env
 
 pytestmark = pytest.mark.slow
 SHORT = ["train.max_steps=40", "train.ckpt_every=100", "train.eval_every=100", "train.log_every=2",

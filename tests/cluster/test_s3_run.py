@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers import lamscale_env
+from conftest import lamscale_env
 
 pytestmark = pytest.mark.slow
 STEPS = ["train.ckpt_every=3", "train.eval_every=6", "train.log_every=3", "data.batch_size=8"]

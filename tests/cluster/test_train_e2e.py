@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import lamscale_env
+from conftest import lamscale_env
 from lamscale.tasks.qvhighlights_metrics import evaluate, load_jsonl
 
 pytestmark = pytest.mark.slow

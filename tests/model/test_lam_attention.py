@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lamscale.config import LAMConfig
-from helpers import NumelRecorder
+from conftest import NumelRecorder
 from lamscale.model import LowRankMask, MaskGenerator, attention
 from lamscale.model.attention import Attention
 

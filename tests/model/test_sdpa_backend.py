@@ -4,7 +4,7 @@ import torch
 
 from lamscale.model import LowRankMask, attention
 from lamscale.model.attention import select_backend
-from helpers import NumelRecorder
+from conftest import NumelRecorder
 
 
 def _inputs(n, hm, key_batch, dtype=torch.float64, B=2, H=3, d=8, r=4):
