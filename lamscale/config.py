@@ -31,7 +31,7 @@ class LAMConfig:
     rank: int = 16  # r: rank of the mask M = H G^T + 1 c^T
     hidden: int = 64  # r1: width of the generator MLP
     max_len: int = 512  # N_max for key=position
-    backend: Literal["auto", "dense", "chunked", "sdpa", "triton"] = "chunked"
+    backend: Literal["auto", "dense", "chunked", "cpp", "sdpa", "triton"] = "chunked"
     block: int = 128  # query block of the chunked backend
 
 

@@ -18,6 +18,8 @@ CASES = {
     "chunked-mul": ("chunked", "mul"),
     "chunked-add": ("chunked", "add"),
     "sdpa-add": ("sdpa", "add"),
+    "cpp-mul": ("cpp", "mul"),
+    "cpp-add": ("cpp", "add"),
     "triton-mul": ("triton", "mul"),
     "triton-add": ("triton", "add"),
     "flex-dense": ("flex", "mul"),

@@ -15,6 +15,7 @@ VARIANTS = {
     "vanilla-sdpa": ("none", "mul", "sdpa"),
     "vanilla-chunked": ("none", "mul", "chunked"),
     "lam-mul-chunked": ("all", "mul", "chunked"),
+    "lam-mul-cpp": ("all", "mul", "cpp"),
     "lam-add-sdpa": ("all", "add", "sdpa"),
     "lam-mul-triton": ("all", "mul", "triton"),
 }

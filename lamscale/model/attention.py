@@ -7,6 +7,7 @@ identity init gives bit-identical outputs to vanilla attention on that backend.
 - dense:   materialises S and M (the reference, for tests and small N).
 - chunked: query blocks of `block` rows with the mask tile h_blk Gᵀ + c built per block and a
            hand-written backward (chunked.py): O(block·N) memory in both passes, never N×N.
+- cpp:     the chunked algorithm as one fused C++ kernel for CPU (cpu_lam.py), built on first use.
 - sdpa:    additive LAM folded into q/k as r+1 extra head dims: one fused SDPA call, O(N).
 - triton:  one fused kernel computing the mask tile beside S = QKᵀ, forward and backward.
 - auto:    the fastest exact backend for the device, mode and N.
@@ -69,6 +70,13 @@ def _chunked(
     return chunked_attention(q, k, v, key_valid, h, g, c, combine, bound, block)
 
 
+def _cpp(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, mask: Optional[LowRankMask], combine: str, block: int) -> Tensor:
+    from lamscale.model.cpu_lam import cpp_attention  # compiled on first use
+
+    h, g, c, bound = _factors(mask)
+    return cpp_attention(q, k, v, key_valid, h, g, c, combine, bound, block)
+
+
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, mask: Optional[LowRankMask], combine: str, block: int) -> Tensor:
     """Additive LAM as plain SDPA: with scale 1/√d, [q, √d·h, √d]·[k, g, c] /√d = q·k/√d + h·g + c.
 
@@ -107,7 +115,11 @@ def select_backend(device: torch.device, combine: str, bound: str, n: int) -> st
 
         if triton_available():
             return "triton"
-    return "chunked" if n > 1024 else "dense"
+    if n <= 1024:
+        return "dense"
+    from lamscale.model.cpu_lam import compiler_available
+
+    return "cpp" if device.type == "cpu" and compiler_available() else "chunked"
 
 
 def _factors(mask: Optional[LowRankMask]) -> tuple:
@@ -122,7 +134,8 @@ def _triton(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, mask: Optional[L
     return triton_attention(q, k, v, key_valid, mask, combine)
 
 
-BACKENDS: dict[str, Callable[..., Tensor]] = {"dense": _dense, "chunked": _chunked, "sdpa": _sdpa, "triton": _triton}
+BACKENDS: dict[str, Callable[..., Tensor]] = {"dense": _dense, "chunked": _chunked, "cpp": _cpp, "sdpa": _sdpa,
+                                              "triton": _triton}
 
 
 def attention(

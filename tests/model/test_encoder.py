@@ -110,7 +110,7 @@ def test_every_switch_trains(layers, combine, heads, key, bound, backend, checkp
             assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
 
 
-@pytest.mark.parametrize("backend", ["dense", "chunked"])
+@pytest.mark.parametrize("backend", ["dense", "chunked", "cpp"])
 def test_checkpointing_gives_same_grads(backend: str) -> None:
     torch.manual_seed(0)
     plain = Encoder(_cfg(checkpointing=False, backend=backend, combine="add", heads="per_head")).train()

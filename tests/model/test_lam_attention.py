@@ -1,4 +1,4 @@
-"""LAM mask factors, the generator's identity init, and the dense/chunked attention backends."""
+"""LAM mask factors, the generator's identity init, and the dense/chunked/cpp attention backends."""
 from __future__ import annotations
 
 import itertools
@@ -36,7 +36,8 @@ def _key_valid(n: int) -> torch.Tensor:
 @pytest.mark.parametrize("heads", ["shared", "per_head"])
 @pytest.mark.parametrize("bound", ["none", "sigmoid"])
 @pytest.mark.parametrize("key_batch", [1, B], ids=["position_like", "token_like"])
-def test_dense_equals_chunked_values_and_grads(combine: str, heads: str, bound: str, key_batch: int) -> None:
+@pytest.mark.parametrize("backend", ["chunked", "cpp"])
+def test_backend_equals_dense_values_and_grads(combine: str, heads: str, bound: str, key_batch: int, backend: str) -> None:
     torch.manual_seed(0)
     n, block = 37, 8  # n is not a multiple of block
     hm = 1 if heads == "shared" else H
@@ -45,21 +46,21 @@ def test_dense_equals_chunked_values_and_grads(combine: str, heads: str, bound: 
     weight = torch.randn(B, H, n, D_HEAD, dtype=torch.float64)
 
     results = {}
-    for backend in ("dense", "chunked"):
+    for name in ("dense", backend):
         q, k, v, h, g, c = inputs
-        out = attention(q, k, v, LowRankMask(h, g, c, bound), valid, combine=combine, backend=backend, block=block)
+        out = attention(q, k, v, LowRankMask(h, g, c, bound), valid, combine=combine, backend=name, block=block)
         grads = torch.autograd.grad((out * weight).sum(), inputs)
-        results[backend] = (out, grads)
+        results[name] = (out, grads)
 
     out_d, grads_d = results["dense"]
-    out_c, grads_c = results["chunked"]
+    out_c, grads_c = results[backend]
     torch.testing.assert_close(out_c, out_d, rtol=1e-10, atol=1e-12)
     for name, gd, gc in zip("qkvhgc", grads_d, grads_c):
         assert gd.abs().sum() > 0, f"no gradient reaches {name}"
         torch.testing.assert_close(gc, gd, rtol=1e-10, atol=1e-12, msg=f"grad of {name}")
 
 
-@pytest.mark.parametrize("backend", ["dense", "chunked"])
+@pytest.mark.parametrize("backend", ["dense", "chunked", "cpp"])
 def test_padded_keys_get_no_weight(backend: str) -> None:
     torch.manual_seed(1)
     n = 13
@@ -73,7 +74,7 @@ def test_padded_keys_get_no_weight(backend: str) -> None:
     torch.testing.assert_close(out, out2)
 
 
-@pytest.mark.parametrize("backend", ["dense", "chunked"])
+@pytest.mark.parametrize("backend", ["dense", "chunked", "cpp"])
 def test_fully_padded_sample_stays_finite(backend: str) -> None:
     torch.manual_seed(2)
     n = 11
@@ -105,7 +106,7 @@ def test_identity_init_is_bit_identical_to_vanilla(combine: str, bound: str, hea
 
     q, k, v = _qkv(n, dtype=torch.float32)
     valid = _key_valid(n)
-    for backend in ("dense", "chunked"):
+    for backend in ("dense", "chunked", "cpp"):
         lam = attention(q, k, v, mask, valid, combine=combine, backend=backend, block=8)
         vanilla = attention(q, k, v, None, valid, combine=combine, backend=backend, block=8)
         assert torch.equal(lam, vanilla), backend
@@ -150,7 +151,7 @@ def test_bad_switches_raise() -> None:
 def test_chunked_never_allocates_n_by_n(hm: int) -> None:
     n, block = 512, 64
     peaks = {}
-    for backend in ("dense", "chunked"):
+    for backend in ("dense", "chunked"):  # cpp's allocations happen inside one op: see test_cpp_backend.py
         torch.manual_seed(4)
         q, k, v = (torch.randn(1, 2, n, 8, requires_grad=True) for _ in range(3))
         h = torch.rand(1, hm, n, 4, requires_grad=True)
@@ -167,7 +168,7 @@ def test_chunked_never_allocates_n_by_n(hm: int) -> None:
     assert peaks["dense"] >= n * n, peaks
 
 
-@pytest.mark.parametrize("backend", ["dense", "chunked"])
+@pytest.mark.parametrize("backend", ["dense", "chunked", "cpp"])
 def test_attention_module_identity_and_shapes(backend: str) -> None:
     torch.manual_seed(5)
     dim, n = 12, 10
