@@ -1,14 +1,18 @@
-"""The sample format inside a shard (DESIGN.md §3): one tar group per query.
+"""The sample format inside a shard (DESIGN.md §3): one tar group per sample.
 
+Moment retrieval (`MomentSample`, what the trainer reads), one group per query:
     <key>.json       ids, query, duration, clip_len, relevant_windows, relevant_clip_ids, saliency_scores
     <key>.video.npy  float16 T×Dv clip features
     <key>.text.npy   float16 L×Dt query token features
+Any task (`Sample`, what the builders write): `<key>.json` plus any `<key>.<name>.npy` float16 arrays
+(video, audio, text) and raw files such as `<key>.jpg`.
 """
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -58,3 +62,56 @@ def decode(raw: dict) -> MomentSample:
     if video.ndim != 2 or text.ndim != 2:
         raise SampleError(f"{where}: expected 2-d video/text arrays, got {video.shape} / {text.shape}")
     return MomentSample(raw["__key__"], meta, video, text)
+
+
+# --- generic samples (builders for every task): any named float16 arrays + raw file members ------------
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass
+class Sample:
+    """One tar group: `<key>.json` + `<key>.<name>.npy` per array (float16 T×D) + raw files (`<key>.jpg`)."""
+
+    key: str
+    meta: dict
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # "video" → T×Dv, "text", "audio", …
+    files: dict[str, bytes] = field(default_factory=dict)  # extension → bytes, e.g. "jpg"
+
+
+def safe_key(text: str) -> str:
+    """A tar-group key WebDataset splits back correctly: no dots (extension separator) or slashes."""
+    return _UNSAFE_KEY_CHARS.sub("_", str(text))
+
+
+def encode_sample(sample: Sample) -> dict:
+    """To the dict that webdataset's TarWriter writes; arrays are stored as float16."""
+    raw = {"__key__": sample.key, "json": json.dumps(sample.meta).encode()}
+    for name, array in sample.arrays.items():
+        raw[f"{name}.npy"] = npy_bytes(array.astype(np.float16))
+    raw.update(sample.files)
+    return raw
+
+
+def decode_sample(raw: dict) -> Sample:
+    """From raw members (bytes per extension) back to arrays and files; images are left as bytes."""
+    where = f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')!r}"
+    if "json" not in raw:
+        raise SampleError(f"{where}: missing member json")
+    sample = Sample(raw["__key__"], {})
+    for ext, data in raw.items():
+        if ext.startswith("__"):
+            continue
+        try:
+            if ext == "json":
+                sample.meta = json.loads(data)
+            elif ext.endswith(".npy"):
+                sample.arrays[ext[: -len(".npy")]] = np.load(io.BytesIO(data), allow_pickle=False)
+            else:
+                sample.files[ext] = data
+        except Exception as e:  # corrupt bytes of any kind
+            raise SampleError(f"{where}: cannot decode {ext} ({type(e).__name__}: {e})") from None
+    if not isinstance(sample.meta, dict):
+        raise SampleError(f"{where}: json is a {type(sample.meta).__name__}, expected an object")
+    return sample

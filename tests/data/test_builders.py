@@ -1,0 +1,329 @@
+"""`lamscale shards build` from small but real-layout inputs of every format: each field read back
+exactly, each kind of bad input in rejects.jsonl, written + rejected = input."""
+import io
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from lamscale import cli, storage
+from lamscale.data.schema import decode_sample
+from lamscale.data.stream import expand_urls, iter_samples
+from lamscale.data.verify import tar_samples
+from lamscale.data.writer import parse_size
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def build(capsys, *args):
+    code = cli.main(["shards", "build", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def manifest_of(url):
+    return json.loads(storage.read_bytes(storage.join(storage.normalize(str(url)), "manifest.json")))
+
+
+def rejects_of(url):
+    text = storage.read_bytes(storage.join(storage.normalize(str(url)), "rejects.jsonl")).decode()
+    return {r["id"]: r for r in map(json.loads, text.splitlines())}
+
+
+def read_back(url):
+    """{split: {key: Sample}} from every shard the manifest lists."""
+    url, manifest = storage.normalize(str(url)), manifest_of(url)
+    out = {}
+    for split, info in manifest["splits"].items():
+        out[split] = {}
+        for shard in info["shards"]:
+            for raw in tar_samples(storage.read_bytes(storage.join(url, shard["name"]))):
+                out[split][raw["__key__"]] = decode_sample(raw)
+    return out
+
+
+def assert_counts_add_up(manifest, rejects):
+    for split, c in manifest["counts"].items():
+        assert c["written"] + c["rejected"] == c["input"]
+        assert c["written"] == manifest["splits"][split]["samples"] == sum(s["samples"] for s in manifest["splits"][split]["shards"])
+        assert c["rejected"] == sum(r["split"] == split for r in rejects.values())
+
+
+def save_npz(path, **arrays):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+# --- QVHighlights -------------------------------------------------------------------------------------
+
+def write_qvhighlights(root: Path) -> dict:
+    """Real annotation lines + random features in the moment_detr layout; returns what each qid should become."""
+    rng = np.random.default_rng(0)
+    lines = [json.loads(l) for l in (ROOT / "shards/qvhighlights_sample/train.jsonl").read_text().splitlines()[:9]]
+    feats = root / "features"
+    expected = {}
+    for i, ann in enumerate(lines):
+        slowfast, clip = rng.standard_normal((6, 2304)), rng.standard_normal((5, 512)).astype(np.float32)  # T differs by one
+        text = rng.standard_normal((4 + i, 512))
+        save_npz(feats / "slowfast_features" / f"{ann['vid']}.npz", features=slowfast)
+        save_npz(feats / "clip_features" / f"{ann['vid']}.npz", features=clip)
+        save_npz(feats / "clip_text_features" / f"qid{ann['qid']}.npz", last_hidden_state=text, pooler_output=text[0])
+        expected[ann["qid"]] = (ann, np.concatenate([slowfast[:5], clip], axis=1).astype(np.float16), text.astype(np.float16))
+    a = [ann["qid"] for ann in lines]
+    # one bad input of each kind
+    (feats / "slowfast_features" / f"{lines[1]['vid']}.npz").unlink()                              # missing_file
+    save_npz(feats / "clip_features" / f"{lines[2]['vid']}.npz", features=np.full((5, 512), np.nan))  # nonfinite
+    lines[3]["relevant_windows"] = [[140, 160]]                                                     # bad_window
+    save_npz(feats / "clip_text_features" / f"qid{a[4]}.npz", last_hidden_state=np.ones((3, 256)))  # bad_dim
+    save_npz(feats / "clip_text_features" / f"qid{a[5]}.npz", last_hidden_state=np.full((3, 512), 1e6))  # float16_overflow
+    del lines[6]["vid"]                                                                             # missing_field
+    train = [json.dumps(l) for l in lines[:7]] + ["{not json", json.dumps(lines[0])]                # bad_json, duplicate_key
+    (root / "data").mkdir(parents=True)
+    (root / "data/highlight_train_release.jsonl").write_text("\n".join(train) + "\n")
+    (root / "data/highlight_val_release.jsonl").write_text("\n".join(json.dumps(l) for l in lines[7:]) + "\n")
+    return {"expected": expected, "bad": {f"qid{a[1]}": "missing_file", f"qid{a[2]}": "nonfinite", f"qid{a[3]}": "bad_window",
+                                          f"qid{a[4]}": "bad_dim", f"qid{a[5]}": "float16_overflow", f"qid{a[6]}": "missing_field",
+                                          "highlight_train_release.jsonl:8": "bad_json"}, "good": [a[0], a[7], a[8]]}
+
+
+def test_qvhighlights_round_trip_and_rejects(tmp_path, capsys):
+    data = write_qvhighlights(tmp_path / "qvh")
+    out = tmp_path / "shards"
+    code, stdout, _ = build(capsys, tmp_path / "qvh", "--format", "qvhighlights", "--out", out)
+    assert code == 0
+    manifest, rejects = manifest_of(out), rejects_of(out)
+    assert manifest["counts"]["train"] == {"input": 9, "written": 1, "rejected": 8, "rejected_by_kind": {
+        "missing_file": 1, "nonfinite": 1, "bad_window": 1, "bad_dim": 1, "float16_overflow": 1, "missing_field": 1,
+        "bad_json": 1, "duplicate_key": 1}}
+    assert manifest["counts"]["val"] == {"input": 2, "written": 2, "rejected": 0, "rejected_by_kind": {}}
+    assert_counts_add_up(manifest, {f"{r['split']}/{i}": r for i, r in rejects.items()})
+    for rid, kind in data["bad"].items():
+        assert rejects[rid]["kind"] == kind, rejects[rid]
+    reason = {kind: rejects[rid]["reason"] for rid, kind in data["bad"].items()}
+    assert "features/slowfast_features/" in reason["missing_file"] and "features/clip_features/" in reason["nonfinite"]
+    assert manifest["feature_dims"] == {"video": 2816, "text": 512} and manifest["format"] == "qvhighlights"
+    assert manifest["members"] == ["json", "text.npy", "video.npy"] and manifest["clip_len"] == 2.0
+    assert "train: 9 inputs, 1 written" in stdout and "8 rejected" in stdout and "bad_window: 1" in stdout
+
+    # read back through the trainer's own reader
+    seen = set()
+    for split in ("train", "val"):
+        for sample in iter_samples(expand_urls(storage.join(str(out), manifest["splits"][split]["pattern"]))):
+            ann, video, text = data["expected"][sample.meta["qid"]]
+            assert sample.key == f"qid{ann['qid']}" and sample.video.dtype == np.float16
+            assert np.array_equal(sample.video, video) and np.array_equal(sample.text, text)
+            for field in ("vid", "query", "duration", "relevant_windows", "relevant_clip_ids", "saliency_scores"):
+                assert sample.meta[field] == ann[field]
+            assert sample.meta["clip_len"] == 2.0
+            seen.add(ann["qid"])
+    assert seen == set(data["good"])
+
+
+# --- MAD ----------------------------------------------------------------------------------------------
+
+def write_mad(root: Path) -> dict:
+    rng = np.random.default_rng(1)
+    (root / "annotations").mkdir(parents=True)
+    (root / "features").mkdir()
+    movies = {"3001_21_JUMP_STREET": rng.standard_normal((40, 512)).astype(np.float32), "0001_American_Beauty": rng.standard_normal((25, 512))}
+    with h5py.File(root / "features/CLIP_frames_features_5fps.h5", "w") as h5:
+        for name, frames in movies.items():
+            h5.create_dataset(name, data=frames)
+    ann = lambda movie, s, e, text: {"movie": movie, "sentence": text, "timestamps": [s, e], "ext_timestamps": [s, e],
+                                      "movie_duration": len(movies.get(movie, np.zeros(30))) / 5}
+    train = {"11": ann("3001_21_JUMP_STREET", 1.0, 2.4, "Someone runs."), "12": ann("0001_American_Beauty", 0.0, 5.0, "He smiles."),
+             "13": ann("3001_21_JUMP_STREET", 6.2, 8.0, "They drive off."),
+             "14": ann("9999_MISSING", 1.0, 2.0, "Gone."),                  # missing_features (no such movie)
+             "15": ann("3001_21_JUMP_STREET", 5.0, 3.0, "Backwards."),     # bad_window
+             "16": ann("3001_21_JUMP_STREET", 7.0, 9.0, "Past the end."),  # bad_window (duration 8.0)
+             "17": ann("0001_American_Beauty", 1.0, 2.0, "NaN tokens."),   # nonfinite
+             "18": ann("0001_American_Beauty", 1.0, 2.0, "Narrow tokens."),  # bad_dim
+             "19": ann("0001_American_Beauty", 1.0, 2.0, "No tokens.")}    # missing_features (no text dataset)
+    val = {"21": ann("0001_American_Beauty", 2.0, 4.6, "She looks up.")}
+    (root / "annotations/MAD_train.json").write_text(json.dumps(train))
+    (root / "annotations/MAD_val.json").write_text(json.dumps(val))
+    texts = {sid: rng.standard_normal((3 + int(sid) % 5, 512)) for sid in [*train, *val] if sid != "19"}
+    texts["17"][1, 2] = np.nan
+    texts["18"] = rng.standard_normal((4, 300))
+    with h5py.File(root / "features/CLIP_language_tokens_features.h5", "w") as h5:
+        for sid, tokens in texts.items():
+            h5.create_dataset(sid, data=tokens)
+    return {"movies": movies, "texts": texts, "anns": {**train, **val},
+            "bad": {"14": "missing_features", "15": "bad_window", "16": "bad_window", "17": "nonfinite", "18": "bad_dim", "19": "missing_features"}}
+
+
+def test_mad_round_trip_and_rejects(tmp_path, capsys):
+    data = write_mad(tmp_path / "mad")
+    out = tmp_path / "shards"
+    code, stdout, _ = build(capsys, tmp_path / "mad", "--format", "mad", "--out", out, "--shard-size", "100KB")
+    assert code == 0
+    manifest, rejects = manifest_of(out), rejects_of(out)
+    assert_counts_add_up(manifest, rejects)
+    assert manifest["counts"]["train"]["input"] == 9 and manifest["counts"]["train"]["written"] == 3
+    assert manifest["counts"]["val"]["written"] == 1 and manifest["fps"] == 5.0
+    assert {i: r["kind"] for i, r in rejects.items()} == data["bad"]
+    assert "9999_MISSING" in rejects["14"]["reason"] and "CLIP_frames_features_5fps.h5" in rejects["14"]["reason"]
+    assert all(s["bytes"] <= 100_000 for s in manifest["splits"]["train"]["shards"])  # 40×512 float16 = 41 KB per sample
+    assert len(manifest["splits"]["train"]["shards"]) >= 2
+    samples = {k: s for split in read_back(out).values() for k, s in split.items()}
+    assert set(samples) == {"11", "12", "13", "21"}
+    for sid, sample in samples.items():
+        ann = data["anns"][sid]
+        assert np.array_equal(sample.arrays["video"], data["movies"][ann["movie"]].astype(np.float16))
+        assert np.array_equal(sample.arrays["text"], data["texts"][sid].astype(np.float16))
+        assert sample.meta["relevant_windows"] == [ann["timestamps"]] and sample.meta["clip_len"] == pytest.approx(0.2)
+        assert sample.meta["vid"] == ann["movie"] and sample.meta["query"] == ann["sentence"]
+        assert sample.meta["duration"] == ann["movie_duration"]
+
+
+# --- ImageNet-style class folders ---------------------------------------------------------------------
+
+def jpeg_bytes(seed, size=(12, 9)):
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_imagefolder(root: Path) -> dict:
+    files, seed = {}, 0
+    for split, classes in (("train", ("n01440764_tench", "n01443537_goldfish")), ("val", ("n01440764_tench", "n01443537_goldfish"))):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                path = root / split / name / f"{name[:9]}_{i}.JPEG"
+                path.write_bytes(jpeg_bytes(seed))
+                seed += 1
+                files[f"{split}/{name}/{path.name}"] = path
+    gradient = np.tile(np.linspace(0, 255, 16, dtype=np.uint8)[None, :, None], (10, 1, 3))
+    Image.fromarray(gradient).save(root / "train/n01443537_goldfish/drawn.png")             # re-encoded as JPEG
+    (root / "train/n01440764_tench/broken.jpg").write_bytes(jpeg_bytes(5)[:200])            # unreadable_image
+    (root / "train/n01440764_tench/notes.txt").write_text("not an image")                  # not_an_image
+    (root / "train/LICENSE").write_text("outside any class folder")                         # not_in_class_folder
+    return {"files": files, "gradient": gradient}
+
+
+def test_imagefolder_round_trip_and_rejects(tmp_path, capsys):
+    data = write_imagefolder(tmp_path / "imagenet")
+    out = tmp_path / "shards"
+    code, _, _ = build(capsys, tmp_path / "imagenet", "--format", "imagefolder", "--out", out, "--max-per-shard", "2")
+    assert code == 0
+    manifest, rejects = manifest_of(out), rejects_of(out)
+    assert_counts_add_up(manifest, rejects)
+    assert manifest["classes"] == ["n01440764_tench", "n01443537_goldfish"] and manifest["members"] == ["jpg", "json"]
+    assert {i: r["kind"] for i, r in rejects.items()} == {"n01440764_tench/broken.jpg": "unreadable_image",
+                                                          "n01440764_tench/notes.txt": "not_an_image", "LICENSE": "not_in_class_folder"}
+    assert manifest["counts"]["train"] == {"input": 8, "written": 5, "rejected": 3, "rejected_by_kind": {
+        "not_in_class_folder": 1, "not_an_image": 1, "unreadable_image": 1}}
+    assert all(s["samples"] <= 2 for split in manifest["splits"].values() for s in split["shards"])
+    back = read_back(out)
+    for rel, path in data["files"].items():
+        split, class_name, name = rel.split("/")
+        sample = back[split][f"{class_name}_{name.split('.')[0]}"]
+        assert sample.files["jpg"] == path.read_bytes()  # JPEGs keep their original bytes
+        assert sample.meta == {"label": manifest["classes"].index(class_name), "class": class_name,
+                               "path": f"{class_name}/{name}", "width": 12, "height": 9}
+    drawn = back["train"]["n01443537_goldfish_drawn"]
+    assert drawn.meta["label"] == 1 and drawn.files["jpg"][:2] == b"\xff\xd8"
+    pixels = np.asarray(Image.open(io.BytesIO(drawn.files["jpg"])).convert("RGB"), dtype=int)
+    assert np.abs(pixels - data["gradient"]).max() <= 8
+
+
+# --- MSR-VTT ------------------------------------------------------------------------------------------
+
+def write_msrvtt(root: Path, n_videos: int = 7) -> dict:
+    rng = np.random.default_rng(2)
+    splits = ["train", "train", "train", "validate", "test", "train", "train"][:n_videos]
+    videos = [{"video_id": f"video{i}", "split": s, "category": i % 3, "url": f"https://youtu.be/x{i}", "start time": 1.5,
+               "end time": 11.0 + i, "id": i} for i, s in enumerate(splits)]
+    sentences = [{"video_id": f"video{i}", "caption": f"caption {j} of video {i}", "sen_id": 10 * i + j}
+                 for i in range(n_videos) if i not in (4, 6) for j in range(1 + i % 3)]
+    sentences.append({"video_id": "video99", "caption": "a caption of no listed video", "sen_id": 999})
+    (root / "video_features").mkdir(parents=True)
+    (root / "audio_features").mkdir()
+    (root / "train_val_videodatainfo.json").write_text(json.dumps({"info": {}, "videos": videos[:4] + videos[5:], "sentences": sentences}))
+    (root / "test_videodatainfo.json").write_text(json.dumps({"videos": videos[4:5], "sentences": []}))
+    features = {}
+    for i in range(n_videos):
+        video, audio = rng.standard_normal((8 + i, 16)).astype(np.float32), rng.standard_normal((3 + i, 8))
+        np.save(root / "video_features" / f"video{i}.npy", video)
+        np.save(root / "audio_features" / f"video{i}.npy", audio)
+        features[f"video{i}"] = (video.astype(np.float16), audio.astype(np.float16))
+    if n_videos == 7:
+        (root / "audio_features/video1.npy").unlink()                                         # missing_file
+        np.save(root / "video_features/video2.npy", np.full((4, 16), np.inf))                 # nonfinite
+        np.save(root / "video_features/video5.npy", np.ones((4, 15)))                          # bad_dim
+    return {"videos": {v["video_id"]: v for v in videos}, "sentences": sentences, "features": features,
+            "bad": {"video1": "missing_file", "video2": "nonfinite", "video4": "no_captions", "video5": "bad_dim", "video6": "no_captions"}}
+
+
+def test_msrvtt_round_trip_and_rejects(tmp_path, capsys):
+    data = write_msrvtt(tmp_path / "msrvtt")
+    out = tmp_path / "shards"
+    code, stdout, _ = build(capsys, tmp_path / "msrvtt", "--format", "msrvtt", "--out", f"file://{out}")
+    assert code == 0, stdout
+    manifest, rejects = manifest_of(out), rejects_of(out)
+    assert_counts_add_up(manifest, rejects)
+    assert {i: r["kind"] for i, r in rejects.items()} == data["bad"]
+    assert list(manifest["splits"]) == ["train", "validate", "test"]
+    assert manifest["feature_dims"] == {"video": 16, "audio": 8} and manifest["orphan_captions"] == 1
+    assert manifest["members"] == ["audio.npy", "json", "video.npy"]
+    assert "audio_features/video1.npy" in rejects["video1"]["reason"]
+    back = read_back(out)
+    assert set(back["train"]) == {"video0"} and set(back["validate"]) == {"video3"} and back["test"] == {}
+    for split in back.values():
+        for key, sample in split.items():
+            video, audio = data["features"][key]
+            assert np.array_equal(sample.arrays["video"], video) and np.array_equal(sample.arrays["audio"], audio)
+            captions = [s for s in data["sentences"] if s["video_id"] == key]
+            assert sample.meta["captions"] == [s["caption"] for s in captions]
+            assert sample.meta["sen_ids"] == [s["sen_id"] for s in captions]
+            assert {k: sample.meta[k] for k in data["videos"][key]} == data["videos"][key]
+
+
+# --- the command around the builders ------------------------------------------------------------------
+
+def test_bad_input_is_one_clear_error_line(tmp_path, capsys):
+    code, _, err = build(capsys, tmp_path / "nowhere", "--format", "msrvtt", "--out", tmp_path / "out")
+    assert code == 2 and err.startswith("lamscale: error: input folder ") and err.strip().endswith("nowhere does not exist")
+    write_msrvtt(tmp_path / "msrvtt", n_videos=2)
+    code, _, err = build(capsys, tmp_path / "msrvtt", "--format", "msrvtt", "--out", tmp_path / "out", "--shard-size", "lots")
+    assert code == 2 and "--shard-size: 'lots'" in err and len(err.strip().splitlines()) == 1
+    code, _, err = build(capsys, tmp_path / "msrvtt", "--format", "msrvtt", "--out", tmp_path / "out", "--video-features", "feats")
+    assert code == 2 and str(tmp_path / "msrvtt" / "feats") in err
+
+
+def test_rebuild_needs_overwrite_and_drops_stale_shards(tmp_path, capsys):
+    write_msrvtt(tmp_path / "msrvtt", n_videos=4)
+    out = tmp_path / "out"
+    assert build(capsys, tmp_path / "msrvtt", "--format", "msrvtt", "--out", out, "--max-per-shard", "1")[0] == 0
+    assert (out / "train-000002.tar").exists()
+    code, _, err = build(capsys, tmp_path / "msrvtt", "--format", "msrvtt", "--out", out)
+    assert code == 2 and "--overwrite" in err and "manifest.json" in err
+    assert build(capsys, tmp_path / "msrvtt", "--format", "msrvtt", "--out", out, "--overwrite")[0] == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "validate-000000.tar"]
+
+
+def test_shard_size_parsing():
+    assert parse_size("256MB") == 256 * 10**6 and parse_size("1GiB") == 2**30 and parse_size("500k") == 500_000
+    assert parse_size(4096) == 4096
+    with pytest.raises(ValueError, match="--shard-size: '12XB'"):
+        parse_size("12XB")
+
+
+def test_build_into_s3(seaweedfs, tmp_path, capsys, monkeypatch):
+    for k, v in seaweedfs.env().items():
+        monkeypatch.setenv(k, v)
+    data = write_msrvtt(tmp_path / "msrvtt")
+    url = "s3://lamscale-test/msrvtt-shards"
+    code, stdout, _ = build(capsys, tmp_path / "msrvtt", "--format", "msrvtt", "--out", url)
+    assert code == 0 and f"{url}/train-{{000000..000000}}.tar" in stdout
+    assert seaweedfs.fs().exists("lamscale-test/msrvtt-shards/manifest.json")
+    assert cli.main(["shards", "verify", url]) == 0
+    assert "OK" in capsys.readouterr().out
+    sample = read_back(url)["train"]["video0"]
+    assert np.array_equal(sample.arrays["video"], data["features"]["video0"][0])
+    assert rejects_of(url).keys() == data["bad"].keys()
