@@ -1,11 +1,13 @@
-"""`lamscale` command line: train, resume, metrics, shards."""
+"""`lamscale` command line: train, resume, metrics, shards, jobs (submit/status/logs/stop/runs), bench."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
+from lamscale.cluster import jobs_cli
 from lamscale.config import ConfigError, load_config
+from lamscale.data import shards_cli
 from lamscale.storage import StorageError
 
 
@@ -49,6 +51,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from lamscale.bench.report import write
 
     device = args.device or ("cuda" if _cuda() else "cpu")
+    if args.what == "data":  # loader throughput from a real S3 server: its own options, no time-vs-N plot
+        from lamscale.bench.data import run
+
+        return run(_ints(args.workers), args.epochs, args.repeats, args.out or "docs/bench/data_cpu")
     if args.what == "attention":
         from lamscale.bench.attention import CASES, bench_attention
 
@@ -112,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--video-dim", type=int, default=64)
     sample.add_argument("--text-dim", type=int, default=32)
     sample.set_defaults(func=_cmd_shards_sample)
-    _register_extensions(sub, ssub)
-    b = sub.add_parser("bench", help="performance suite: fwd+bwd time and peak memory against N")
-    b.add_argument("what", choices=["attention", "encoder"])
+    shards_cli.register(ssub)
+    jobs_cli.register(sub)
+    b = sub.add_parser("bench", help="performance suite: fwd+bwd time and peak memory against N; data-loader throughput")
+    b.add_argument("what", choices=["attention", "encoder", "data"])
     b.add_argument("--device", choices=["cpu", "cuda"], default="")
     b.add_argument("--lengths", default="", help="comma-separated N values")
     b.add_argument("--cases", default="", help="comma-separated cases (attention) or variants (encoder)")
@@ -126,23 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--block", type=int, default=256)
     b.add_argument("--dtype", default="", choices=["", "float32", "bfloat16", "float16"])
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--workers", default="0,1,2", help="data: comma-separated loader worker counts")
+    b.add_argument("--epochs", type=int, default=2, help="data: epochs of the embedded sample read per run")
     b.add_argument("--out", default="", help="output prefix (default docs/bench/<what>_<device>)")
     b.set_defaults(func=_cmd_bench)
     return p
-
-
-def _register_extensions(sub: argparse._SubParsersAction, shards_sub: argparse._SubParsersAction) -> None:
-    # TEMPORARY while the modules are built in parallel; replaced by direct imports.
-    import importlib
-
-    for name, target in (("lamscale.data.shards_cli", shards_sub), ("lamscale.cluster.jobs_cli", sub)):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        module.register(target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StorageError, ValueError, FileNotFoundError) as e:
         print(f"lamscale: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:
+        from lamscale.cluster.launch import RunFailed
+
+        if not isinstance(e, RunFailed):
+            raise
+        print(f"lamscale: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print("lamscale: interrupted; run the same command again to resume from the newest checkpoint",
               file=sys.stderr, flush=True)

@@ -1,0 +1,184 @@
+"""Cluster jobs end to end: a real Ray head (`ray start --head`), `lamscale submit|logs|status|stop|runs`.
+
+The head runs in its own session with a private --temp-dir and private ports, and is torn down by
+killing that session's processes: `ray stop` would kill every Ray instance on the machine.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import ROOT, lamscale_env
+
+pytestmark = pytest.mark.slow
+TINY = ["train.max_steps=6", "train.ckpt_every=3", "train.eval_every=6", "train.log_every=2", "data.batch_size=8"]
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _session_processes(sid: int) -> list[psutil.Process]:
+    """Processes of session `sid` plus all their descendants (job drivers start their own sessions)."""
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                found[p.pid] = p
+                found.update({c.pid: c for c in p.children(recursive=True)})
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return list(found.values())
+
+
+def _kill_session(sid: int) -> None:
+    procs = _session_processes(sid)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head with the dashboard (Jobs API) on a free port; yields its http:// address."""
+    temp = tempfile.mkdtemp(prefix="lsray-", dir="/tmp")  # short: Ray's socket paths live under it
+    gcs, dash, nm, om, rt, agent_grpc, agent_http, metrics, client = _free_ports(9)
+    venv_bin = str(Path(sys.executable).parent)
+    # the cluster's `python` must be the one with lamscale's dependencies, as on a real cluster node
+    env = lamscale_env({"PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"})
+    cmd = [os.path.join(venv_bin, "ray"), "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp}",
+           f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--runtime-env-agent-port={rt}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--dashboard-agent-listen-port={agent_http}",
+           f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+           "--object-store-memory=268435456", "--disable-usage-stats"]
+    starter = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    sid = starter.pid
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        out, _ = starter.communicate(timeout=240)
+        assert starter.returncode == 0, out[-3000:]
+        deadline = time.time() + 120
+        while True:  # ready once the Jobs API answers an authenticated query (Ray ≥ 2.52 may require a token)
+            probe = lamscale(ROOT, "status", "lamscale_probe", "--address", address, timeout=60)
+            if "does not exist" in probe.stderr:
+                break
+            assert time.time() < deadline, f"Jobs API did not answer on {address}: {probe.stderr}"
+            time.sleep(1)
+        yield address
+    finally:
+        _kill_session(sid)
+        for _ in range(5):  # a process that was still exiting may recreate a log file once
+            shutil.rmtree(temp, ignore_errors=True)
+            if not os.path.exists(temp):
+                break
+            time.sleep(1)
+
+
+def lamscale(repo_root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lamscale", *args], cwd=repo_root, env=lamscale_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def submit(repo_root: Path, address: str, *args: str) -> str:
+    done = lamscale(repo_root, "submit", "configs/tiny.yaml", *args, "--address", address, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = done.stdout.strip().splitlines()[-1]
+    assert job_id and " " not in job_id, done.stdout
+    return job_id
+
+
+def test_submit_follow_status_and_runs(repo_root, ray_head, tmp_path):
+    job = submit(repo_root, ray_head, f"run.storage={tmp_path}", "run.name=job", *TINY)
+
+    followed = lamscale(repo_root, "logs", job, "--follow", "--address", ray_head)
+    out = followed.stdout + followed.stderr
+    assert followed.returncode == 0, out[-3000:]
+    assert "step 6/6" in out and "checkpoint step 6 committed" in out and "eval @ 6" in out, out[-3000:]
+    assert f"job {job}: SUCCEEDED" in out
+
+    state = lamscale(repo_root, "status", job, "--address", ray_head)
+    assert state.returncode == 0 and state.stdout.strip() == "SUCCEEDED", state.stdout + state.stderr
+
+    logs = lamscale(repo_root, "logs", job, "--address", ray_head)
+    assert logs.returncode == 0 and "step 2/6" in logs.stdout and "[lamscale] done:" in logs.stdout, logs.stdout[-3000:]
+
+    listed = lamscale(repo_root, "runs", str(tmp_path))
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("job "))
+    assert row.split()[1:3] == ["6/6", "complete"], listed.stdout
+
+
+def test_stop_saves_and_reports_stopped(repo_root, ray_head, tmp_path):
+    job = submit(repo_root, ray_head, f"run.storage={tmp_path}", "run.name=long", "train.max_steps=100000",
+                 "train.log_every=1", "train.eval_every=100000", "train.ckpt_every=100000", "data.batch_size=8")
+    follower = subprocess.Popen([sys.executable, "-m", "lamscale", "logs", job, "--follow", "--address", ray_head],
+                                cwd=repo_root, env=lamscale_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    seen = []
+    try:
+        for line in follower.stdout:
+            seen.append(line)
+            if "step 2/100000" in line:
+                break
+        assert any("step 2/100000" in line for line in seen), "".join(seen[-40:])
+
+        stopped = lamscale(repo_root, "stop", job, "--address", ray_head, timeout=300)
+        assert stopped.returncode == 0 and stopped.stdout.strip() == "STOPPED", stopped.stdout + stopped.stderr
+        seen += follower.stdout.readlines()  # the follower ends with the job
+        assert follower.wait(60) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    state = lamscale(repo_root, "status", job, "--address", ray_head)
+    assert state.stdout.strip() == "STOPPED", state.stdout + state.stderr
+    out = "".join(seen)
+    assert "stopped at step" in out and "preempted: checkpoint step" in out, out[-3000:]  # SIGTERM → saved
+    listed = lamscale(repo_root, "runs", str(tmp_path))
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("long "))
+    step = int(row.split()[1].split("/")[0])
+    assert step >= 2 and row.split()[2] == "incomplete", listed.stdout
+
+
+def test_unreachable_cluster_and_bad_config_fail_in_one_line(repo_root, tmp_path):
+    (port,) = _free_ports(1)
+    down = lamscale(repo_root, "status", "raysubmit_x", "--address", f"http://127.0.0.1:{port}", timeout=60)
+    assert down.returncode == 2 and down.stderr.count("\n") == 1, down.stderr
+    assert f"cannot reach the Ray cluster at http://127.0.0.1:{port}" in down.stderr
+    bad = lamscale(repo_root, "submit", "configs/tiny.yaml", "train.max_stepz=3", "--address",
+                   f"http://127.0.0.1:{port}", timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "train.max_stepz" in bad.stderr, bad.stderr
+    missing = lamscale(repo_root, "runs", str(tmp_path / "nothing"), timeout=60)
+    assert missing.returncode == 2 and "no such folder" in missing.stderr, missing.stderr
+
+
+def test_unknown_job_is_one_line(repo_root, ray_head):
+    done = lamscale(repo_root, "status", "raysubmit_doesnotexist", "--address", ray_head, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "raysubmit_doesnotexist" in done.stderr, done.stderr
