@@ -6,6 +6,7 @@ value of the wrong type or outside its choices raises `ConfigError` with one lin
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +58,14 @@ class DataConfig:
     batch_size: int = 16  # per worker
     shuffle_buffer: int = 256
     clip_len: float = 2.0  # seconds per clip
+    workers: int = 0  # DataLoader processes per rank; 0 reads in the training process (the same batches as 1)
+    on_error: Literal["raise", "skip"] = "raise"  # a corrupt sample or cut shard: stop naming it, or skip and count it
+    allow_pipe: bool = False  # `pipe:CMD` shard URLs run shell commands: refused unless allowed
+    token_budget: int = 0  # > 0: length-bucketed batches of at most this many padded tokens (replaces batch_size)
+    bucket_pool: int = 1024  # samples sorted into length buckets at a time (token_budget > 0)
+    window: int = 0  # > 0: train on random windows of this many clips holding a target moment (eval: full length)
+    read_retry_s: float = 120.0  # a remote shard read retries with backoff this long before failing
+    read_block_kib: int = 8192  # bytes per remote range request
 
 
 @dataclass
@@ -224,6 +233,28 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.lam.layers: layer indices {bad} outside 0..{m.layers - 1}")
     if not 0 < cfg.task.nms_iou <= 1:
         raise ConfigError(f"task.nms_iou: expected a value in (0, 1], got {cfg.task.nms_iou}")
+    _validate_data(cfg)
+
+
+def _validate_data(cfg: Config) -> None:
+    d, m = cfg.data, cfg.model
+    for key, value in {"data.bucket_pool": d.bucket_pool, "data.read_block_kib": d.read_block_kib,
+                       "data.shuffle_buffer": d.shuffle_buffer}.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: expected a positive value, got {value}")
+    for key, value in {"data.workers": d.workers, "data.token_budget": d.token_budget, "data.window": d.window,
+                       "data.read_retry_s": d.read_retry_s}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: expected 0 or more, got {value}")
+    if 0 < d.token_budget < m.max_clips + m.max_text:
+        raise ConfigError(f"data.token_budget: {d.token_budget} cannot hold one sample of up to "
+                          f"{m.max_clips + m.max_text} tokens (model.max_clips + model.max_text)")
+    if d.window > m.max_clips:
+        raise ConfigError(f"data.window: {d.window} clips is more than model.max_clips={m.max_clips}")
+    for key, pattern in (("data.train", d.train), ("data.val", d.val)):
+        if re.search(r"(^|[\s,])pipe:", pattern) and not d.allow_pipe:
+            raise ConfigError(f"{key}: {pattern.strip()!r} is a pipe: URL, which runs a shell command; "
+                              f"set data.allow_pipe=true to allow it")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

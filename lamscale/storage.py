@@ -43,16 +43,34 @@ def fs_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(url)
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = 4, delay: float = 0.5) -> T:
-    """Call `fn`, retrying transient storage errors with exponential backoff."""
-    for i in range(attempts):
+def retry_budget_s() -> float:
+    """How long a storage call keeps retrying before the run gives up (LAMSCALE_STORAGE_RETRY_S)."""
+    return float(os.environ.get("LAMSCALE_STORAGE_RETRY_S", "120"))
+
+
+def _transient(e: BaseException) -> bool:
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False  # answers, not outages
+    # botocore/aiohttp connection errors are not all OSError subclasses; match them by module
+    return isinstance(e, (OSError, TimeoutError)) or type(e).__module__.split(".")[0] in ("botocore", "aiohttp", "aiobotocore")
+
+
+def retry(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T:
+    """Call `fn`, retrying transient storage errors with exponential backoff (0.5 s doubling, at most
+    8 s apart) for up to `budget_s` seconds, so a store that restarts does not end the run."""
+    budget = retry_budget_s() if budget_s is None else budget_s
+    deadline, delay, tries = time.monotonic() + budget, 0.5, 0
+    while True:
         try:
             return fn()
-        except (OSError, TimeoutError) as e:  # botocore/aiohttp errors surface as OSError subclasses
-            if isinstance(e, FileNotFoundError) or i == attempts - 1:
-                raise StorageError(f"{what}: {type(e).__name__}: {e}") from e
-            time.sleep(delay * 2**i)
-    raise AssertionError("unreachable")
+        except Exception as e:
+            tries += 1
+            if not _transient(e) or time.monotonic() + delay > deadline:
+                first = str(e).splitlines()[0] if str(e) else ""
+                why = f"gave up after {tries} tries in {budget:.0f}s: " if _transient(e) else ""
+                raise StorageError(f"{what}: {why}{type(e).__name__}: {first}") from e
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
 
 
 def check_writable(url: str) -> None:
@@ -96,9 +114,9 @@ def remove_tree(url: str) -> None:
     fs.invalidate_cache()
 
 
-def exists(url: str) -> bool:
+def exists(url: str, budget_s: float | None = None) -> bool:
     fs, path = fs_for(url)
-    return fs.exists(path)
+    return retry(lambda: fs.exists(path), f"look up {url}", budget_s)
 
 
 def read_bytes(url: str) -> bytes:

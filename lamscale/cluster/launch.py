@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -69,12 +70,14 @@ def _start_ray(cfg: Config, address: str) -> None:
         return
     # Ray Train's print patch would echo each worker line twice through its logger
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # LAMSCALE_* settings (storage retry budget, test fault injection) reach every worker
+    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("LAMSCALE_")}}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=env)
     else:  # a private in-process cluster sized for this run
         need = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999)
         ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
-                 object_store_memory=256 * 2**20, log_to_driver=True)
+                 object_store_memory=256 * 2**20, log_to_driver=True, runtime_env=env)
 
 
 def train(cfg: Config, address: str = "") -> str:
@@ -98,7 +101,7 @@ def train(cfg: Config, address: str = "") -> str:
     c = cfg.cluster
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_url": run_url},
+        train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "driver_pid": os.getpid()},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker}),
         run_config=RunConfig(name="ray", storage_path=run_url if storage.is_local(run_url) else None,
@@ -106,6 +109,13 @@ def train(cfg: Config, address: str = "") -> str:
     )
     try:
         trainer.fit()
+    except Exception as e:
+        failures = getattr(e, "worker_failures", None)
+        if failures is None:
+            raise
+        rank, cause = _first_cause(failures)
+        raise RunFailed(f"training failed on rank {rank}: {cause}; checkpoints committed before the failure are "
+                        f"intact: fix the cause, then `lamscale resume {run_url}`") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     if storage.exists(storage.join(run_url, STOP_FILE)):
@@ -119,6 +129,18 @@ def train(cfg: Config, address: str = "") -> str:
         brief = json.loads(storage.read_bytes(summary))["brief"]
         print(f"[lamscale] done: {run_url}\n" + json.dumps(brief, indent=2), flush=True)
     return run_url
+
+
+class RunFailed(RuntimeError):
+    """Training stopped on an error the workers could not recover from (one line for the user)."""
+
+
+def _first_cause(failures: dict) -> tuple[int, str]:
+    """The root error of the lowest failed rank, as its last `SomethingError: message` line."""
+    rank = min(failures)
+    lines = [line.strip() for line in str(failures[rank]).splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return rank, (errors or lines or [type(failures[rank]).__name__])[-1]
 
 
 def _on_sigterm(run_url: str) -> None:

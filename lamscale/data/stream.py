@@ -1,47 +1,43 @@
-"""Streaming reader: WebDataset tar shards from any fsspec URL, split by rank, seeded shuffle, and a
-position (`state_dict`) that lets a resumed run see exactly the samples it would have seen."""
+"""Streaming reader: WebDataset tar shards from any fsspec URL, split by rank and loader worker, seeded
+shuffle, and a position (`state_dict`) that lets a resumed run see exactly the samples it would have seen."""
 from __future__ import annotations
 
 import random
 from typing import Iterator
 
 import braceexpand
-import fsspec
-import webdataset as wds
-from webdataset.gopen import gopen_schemes
 
 from lamscale import storage
-from lamscale.data.schema import MomentSample, decode
-
-
-def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: object):
-    # fsspec keeps one filesystem per process, so forked loader workers each make their own client.
-    return fsspec.open(url, mode).open()
-
-
-def register_fsspec_schemes() -> None:
-    """WebDataset 1.0 has no s3/gcs opener; route those URLs through fsspec."""
-    for scheme in ("s3", "gs", "gcs", "az", "abfs", "memory"):
-        gopen_schemes[scheme] = _gopen_fsspec
+from lamscale.data import windows
+from lamscale.data.reader import (SKIP_KINDS, DataError, ReadOptions, is_pipe, print_skip, read_samples, refuse_pipe,
+                                   shard_samples)
+from lamscale.data.schema import MomentSample
 
 
 def expand_urls(pattern: str) -> list[str]:
-    """`dir/train-{000000..000003}.tar` (and comma- or space-separated lists) → absolute URLs."""
+    """`dir/train-{000000..000003}.tar` (and comma- or space-separated lists) → absolute URLs.
+    A `pipe:` pattern is one shell command (spaces included) with braces expanded."""
+    if is_pipe(pattern.strip()):
+        return list(braceexpand.braceexpand(pattern.strip()))
     urls = [u for part in pattern.replace(",", " ").split() for u in braceexpand.braceexpand(part)]
     return [storage.normalize(u) for u in urls]
 
 
 def absolute_pattern(pattern: str) -> str:
     """The same shard pattern with local paths made absolute (Ray workers run in other folders)."""
+    if is_pipe(pattern.strip()):
+        return pattern.strip()
     return " ".join(storage.normalize(part) for part in pattern.replace(",", " ").split())
 
 
 def check_shards(pattern: str, key: str) -> list[str]:
-    """Raise StorageError naming the first shard URL that does not exist."""
+    """Raise StorageError naming the first shard URL that does not exist (`pipe:` commands are not probed)."""
     urls = expand_urls(pattern)
     if not urls:
         raise storage.StorageError(f"{key}: no shard URLs in {pattern!r}")
     for url in urls:
+        if is_pipe(url):
+            continue
         try:
             found = storage.exists(url)
         except Exception as e:  # unreachable endpoint, bad credentials…
@@ -51,62 +47,142 @@ def check_shards(pattern: str, key: str) -> list[str]:
     return urls
 
 
-def iter_samples(urls: list[str]) -> Iterator[MomentSample]:
-    register_fsspec_schemes()
-    for raw in wds.tarfile_samples([{"url": u} for u in urls]):
-        yield decode(raw)
+def iter_samples(urls: list[str], options: ReadOptions = ReadOptions()) -> Iterator[MomentSample]:
+    return read_samples(urls, options)
+
+
+def split(order: list[str], parts: list[tuple[int, int]]) -> tuple[list[str], list[tuple[int, int]]]:
+    """Part k of n, for each (k, n) in turn (rank of world, then worker of workers): every n-th shard,
+    or — once there are fewer shards than parts — every n-th sample. Returns (shards, sample filters)."""
+    shards, filters = list(order), []
+    for k, n in parts:
+        if filters or len(shards) < n:
+            filters.append((k, n))
+        else:
+            shards = shards[k::n]
+    return shards, filters
+
+
+def _name(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
 
 
 class TrainStream:
-    """An endless per-rank sample stream over epochs.
+    """An endless sample stream over epochs for one (rank, loader worker).
 
-    Epoch e: shards are permuted by Random((seed, e)), rank r takes every world-th shard (or every
-    world-th sample when there are fewer shards than ranks), then a buffer shuffle seeded by
-    (seed, e, r). The position is (epoch, samples taken this epoch): replaying it is exact.
+    Epoch e: shards are permuted by Random((seed, e)); rank r takes its part, then worker w its part of
+    that (`split`); a buffer shuffle seeded by (seed, e, r[, w]) follows; long videos are cut to a random
+    `window` (`windows.crop`). The position is (epoch, samples emitted this epoch); restoring it replays
+    the epoch's reads up to there, so it is exact. The state also pins the epoch's shard list and the
+    read cursor (shard index, samples read from it), checked after the replay, and the skip counts.
     """
 
-    def __init__(self, pattern: str, rank: int, world: int, seed: int, buffer: int):
-        self.urls, self.rank, self.world, self.seed, self.buffer = expand_urls(pattern), rank, world, seed, buffer
-        self.epoch, self.offset = 0, 0
+    def __init__(self, pattern: str, rank: int, world: int, seed: int, buffer: int, worker: int = 0, workers: int = 1,
+                 options: ReadOptions = ReadOptions(), window: int = 0):
+        self.urls = expand_urls(pattern)
+        refuse_pipe(self.urls, "data.train", options.allow_pipe)
+        self.rank, self.world, self.worker, self.workers = rank, world, worker, workers
+        self.seed, self.buffer, self.options, self.window = seed, buffer, options, window
+        self.name = f"{seed}-{rank}" if workers == 1 else f"{seed}-{rank}-{worker}"  # seeds other draws of this stream
+        self.epoch, self.offset, self.cursor = 0, 0, [0, 0]
+        self.skipped_before = dict.fromkeys(SKIP_KINDS, 0)  # counted in the epochs before this one
+        self.skipped_now = dict.fromkeys(SKIP_KINDS, 0)  # counted in this epoch's reads so far
+        self._pinned: dict | None = None  # a restored position, checked once the replay reaches it
+        self._reading = [0, 0]  # the read cursor: (index in this epoch's shards, samples read from that shard)
+        self._quiet = False
+        self._split: tuple[int, tuple[list[str], list[tuple[int, int]]]] = (-1, ([], []))
+
+    def epoch_split(self, epoch: int) -> tuple[list[str], list[tuple[int, int]]]:
+        if self._split[0] != epoch:  # state_dict() asks once per batch: shuffle each epoch's order once
+            order = list(self.urls)
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            self._split = (epoch, split(order, [(self.rank, self.world), (self.worker, self.workers)]))
+        return self._split[1]
+
+    def skipped(self) -> dict[str, int]:
+        return {k: self.skipped_before[k] + self.skipped_now[k] for k in SKIP_KINDS}
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
+        shards = [_name(u) for u in self.epoch_split(self.epoch)[0]]
+        return {"epoch": self.epoch, "offset": self.offset, "shards": shards, "cursor": list(self.cursor),
+                "skipped": dict(self.skipped_before)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self.skipped_before = {k: int(state.get("skipped", {}).get(k, 0)) for k in SKIP_KINDS}
+        self.cursor = list(state.get("cursor", [0, 0]))
+        self._pinned = state if "shards" in state else None  # states saved before the pin have none
+        if self._pinned is not None:
+            now = [_name(u) for u in self.epoch_split(self.epoch)[0]]
+            if now != list(state["shards"]):
+                raise DataError(f"{self._who()}: epoch {self.epoch} read shards {state['shards']} at the checkpoint, "
+                                f"data.train now gives {now}: the shard list changed, exact resume is impossible")
 
-    def _epoch_samples(self, epoch: int) -> Iterator[MomentSample]:
-        order = list(self.urls)
-        random.Random(f"{self.seed}-{epoch}").shuffle(order)
-        if len(order) >= self.world:
-            mine = iter_samples(order[self.rank :: self.world])
-        else:
-            mine = (s for i, s in enumerate(iter_samples(order)) if i % self.world == self.rank)
-        rng = random.Random(f"{self.seed}-{epoch}-{self.rank}")
+    def _who(self) -> str:
+        return f"rank {self.rank}" + (f" loader worker {self.worker}" if self.workers > 1 else "")
+
+    def _skip(self, kind: str, message: str) -> None:
+        self.skipped_now[kind] += 1
+        if not self._quiet:  # a replay after resume meets the same bad data again: it was reported then
+            print_skip(kind, message)
+
+    def _read(self, shards: list[str], filters: list[tuple[int, int]], epoch: int) -> Iterator[MomentSample]:
+        seen = [0] * len(filters)
+        for index, url in enumerate(shards):
+            for n, sample in enumerate(shard_samples(url, self.options, self._skip)):
+                self._reading = [index, n + 1]
+                keep = True
+                for f, (k, parts) in enumerate(filters):
+                    keep, seen[f] = seen[f] % parts == k, seen[f] + 1
+                    if not keep:
+                        break
+                if keep:
+                    yield windows.crop(sample, self.window, windows.window_rng(self.seed, epoch, sample.key))
+
+    def _epoch_samples(self, epoch: int) -> Iterator[tuple[MomentSample, list[int]]]:
+        worker = f"-{self.worker}" if self.workers > 1 else ""  # one worker: the seeds of the single-process stream
+        rng = random.Random(f"{self.seed}-{epoch}-{self.rank}{worker}")
         pool: list[MomentSample] = []
-        for sample in mine:
+        for sample in self._read(*self.epoch_split(epoch), epoch):
             pool.append(sample)
             if len(pool) >= self.buffer:
-                yield pool.pop(rng.randrange(len(pool)))
+                yield pool.pop(rng.randrange(len(pool))), self._reading
         rng.shuffle(pool)
-        yield from pool
+        for sample in pool:
+            yield sample, self._reading
 
     def __iter__(self) -> Iterator[MomentSample]:
         while True:
-            skip, produced = self.offset, False
-            for i, sample in enumerate(self._epoch_samples(self.epoch)):
-                produced = True
+            skip, produced = self.offset, 0
+            self.skipped_now = dict.fromkeys(SKIP_KINDS, 0)
+            self._quiet = skip > 0
+            for i, (sample, reading) in enumerate(self._epoch_samples(self.epoch)):
+                produced = i + 1
                 if i < skip:
+                    if i == skip - 1:
+                        self._check_replay(reading)
                     continue
-                self.offset = i + 1
+                self._quiet = False
+                self.offset, self.cursor = i + 1, list(reading)
                 yield sample
-            if not produced:
-                raise RuntimeError(f"rank {self.rank}: no samples in its split of {self.urls}")
-            self.epoch, self.offset = self.epoch + 1, 0
+            if produced < skip or not produced:
+                raise DataError(f"{self._who()}: epoch {self.epoch} has {produced} samples in its split of "
+                                f"{len(self.urls)} shards" + (f", the checkpoint was at sample {skip}" if skip else ""))
+            self.skipped_before = self.skipped()
+            self.skipped_now = dict.fromkeys(SKIP_KINDS, 0)
+            self.epoch, self.offset, self.cursor, self._pinned = self.epoch + 1, 0, [0, 0], None
+
+    def _check_replay(self, reading: list[int]) -> None:
+        pinned, self._pinned = self._pinned, None
+        if pinned is not None and list(pinned["cursor"]) != list(reading):
+            raise DataError(f"{self._who()}: epoch {self.epoch} sample {self.offset} was read at shard cursor "
+                            f"{pinned['cursor']} at the checkpoint, now at {reading}: the shards' contents changed")
 
 
-def eval_samples(pattern: str, rank: int, world: int) -> Iterator[MomentSample]:
+def eval_samples(pattern: str, rank: int, world: int, options: ReadOptions = ReadOptions()) -> Iterator[MomentSample]:
     """Every sample of the split exactly once across ranks (sample i goes to rank i % world)."""
-    for i, sample in enumerate(iter_samples(expand_urls(pattern))):
+    urls = expand_urls(pattern)
+    refuse_pipe(urls, "data.val", options.allow_pipe)
+    for i, sample in enumerate(read_samples(urls, options)):
         if i % world == rank:
             yield sample

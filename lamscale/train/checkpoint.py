@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from lamscale import storage
+from lamscale.train import faults
 
 TAG = "ckpt"  # DeepSpeed's sub-folder name inside each local staging dir
 STEP_DIR = re.compile(r"step_(\d{8})$")
@@ -97,6 +98,7 @@ class CheckpointStore:
             shutil.rmtree(staging, ignore_errors=True)
         everyone = [None] * self.world
         dist.all_gather_object(everyone, files)  # doubles as the barrier: all uploads are done
+        faults.maybe_kill("before_commit", step, self.rank)
         if self.rank == 0:
             manifest = {"step": step, "world_size": self.world, "files": {k: v for f in everyone for k, v in f.items()}}
             storage.write_bytes(storage.join(self.url(step), "commit.json"), json.dumps(manifest, indent=1).encode())

@@ -1,7 +1,6 @@
 """The trainer each Ray worker runs: a small stateful object over engine, data, checkpoints, monitor."""
 from __future__ import annotations
 
-import itertools
 import json
 import time
 
@@ -11,11 +10,14 @@ import torch.distributed as dist
 
 from lamscale import storage
 from lamscale.config import Config, from_dict
-from lamscale.data.stream import TrainStream, eval_samples
+from lamscale.data.loader import TrainLoader
+from lamscale.data.reader import SKIP_KINDS
+from lamscale.data.stream import eval_samples
 from lamscale.model.moment import MomentModel
 from lamscale.tasks import moment_retrieval as task
 from lamscale.tasks.qvhighlights_metrics import evaluate as official_metrics
 from lamscale.train.checkpoint import CheckpointStore, committed_steps
+from lamscale.train import faults
 from lamscale.train.engine import build_engine
 from lamscale.train.monitor import Monitor
 from lamscale.train.preempt import StopFlag
@@ -27,7 +29,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.engine = build_engine(MomentModel(cfg.model), cfg, world, use_gpu)
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        self.stream = TrainStream(cfg.data.train, rank, world, cfg.train.seed, cfg.data.shuffle_buffer)
+        self.loader = TrainLoader.from_config(cfg, rank, world)  # data.workers processes, exact position
         self.store = CheckpointStore(run_url, rank, world, cfg.train.keep_last)
         self.step, self.samples_seen, self.tokens_seen = 0, 0, 0
         self.chance: dict | None = None  # metrics of random predictions, computed at the first eval
@@ -36,7 +38,7 @@ class Trainer:
         steps = committed_steps(run_url)
         if steps:
             rank_state, trainer_state = self.store.load(self.engine, steps[-1])
-            self.stream.load_state_dict(rank_state["stream"])
+            self.loader.load_state_dict(rank_state["stream"])
             self.step, self.samples_seen, self.tokens_seen = (trainer_state[k] for k in ("step", "samples", "tokens"))
         self.monitor = Monitor(run_url, self.step, cfg.train.max_steps) if rank == 0 else None
         self.say(f"{'resumed at' if steps else 'starting at'} step {self.step}/{cfg.train.max_steps} "
@@ -47,10 +49,7 @@ class Trainer:
             print(f"[lamscale] {line}", flush=True)
 
     def batches(self):
-        samples = iter(self.stream)
-        m = self.cfg.model
-        while True:
-            yield task.collate(list(itertools.islice(samples, self.cfg.data.batch_size)), m.max_clips, m.max_text)
+        return iter(self.loader)
 
     def fit(self) -> None:
         t, batches = self.cfg.train, self.batches()
@@ -69,6 +68,7 @@ class Trainer:
             if self.engine.global_steps == self.step:
                 continue  # inside a gradient-accumulation window
             self.step = self.engine.global_steps
+            faults.maybe_kill("after_step", self.step, self.rank)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
                 self.log(loss, parts, window_samples * self.world / elapsed, data_wait / elapsed)
@@ -92,8 +92,12 @@ class Trainer:
         values = torch.tensor([float(loss.detach()), *parts.values()])
         dist.all_reduce(values)
         values /= self.world
+        skipped = torch.tensor([float(n) for n in self.loader.skipped().values()])
+        dist.all_reduce(skipped)  # bad samples / cut shards skipped by every rank so far (on_error: skip)
         if self.monitor is None:
             return
+        self.monitor.scalars(self.step, {"skipped": float(skipped.sum()),
+                                         **{f"skipped_{k}": float(n) for k, n in zip(SKIP_KINDS, skipped)}}, "data/")
         lr = self.engine.get_lr()[0]
         grad_norm = self.engine.get_global_grad_norm()
         self.monitor.scalars(self.step, {"loss": float(values[0]), "lr": lr, "grad_norm": float(grad_norm or 0.0)}, "train/")
@@ -107,7 +111,7 @@ class Trainer:
     def evaluate(self) -> None:
         self.engine.eval()
         m, bs = self.cfg.model, self.cfg.data.batch_size
-        mine = list(eval_samples(self.cfg.data.val, self.rank, self.world))
+        mine = list(eval_samples(self.cfg.data.val, self.rank, self.world, self.loader.spec.options))
         chunks = [mine[i : i + bs] for i in range(0, len(mine), bs)]
         n = torch.tensor([len(chunks)])
         dist.all_reduce(n, op=dist.ReduceOp.MAX)  # equal forward counts on every rank (ZeRO-3 gathers)
@@ -146,11 +150,12 @@ class Trainer:
     def save(self) -> None:
         t0 = time.perf_counter()
         trainer_state = {"step": self.step, "samples": self.samples_seen, "tokens": self.tokens_seen}
-        self.store.save(self.engine, self.step, {"stream": self.stream.state_dict()}, trainer_state)
+        self.store.save(self.engine, self.step, {"stream": self.loader.state_dict()}, trainer_state)
         if self.monitor:
             self.monitor.scalars(self.step, {"checkpoint_save_s": time.perf_counter() - t0}, "perf/")
             self.monitor.sync()
         self.say(f"checkpoint step {self.step} committed ({time.perf_counter() - t0:.1f}s)")
+        faults.maybe_kill("after_commit", self.step, self.rank)
 
 
 def _to(batch: task.MomentBatch, device: torch.device) -> task.MomentBatch:
@@ -164,4 +169,5 @@ def train_worker(payload: dict) -> None:
 
     ctx = ray.train.get_context()
     cfg = from_dict(payload["config"])
+    faults.arm(payload.get("driver_pid"))
     Trainer(cfg, payload["run_url"], ctx.get_world_rank(), ctx.get_world_size(), cfg.cluster.use_gpu).fit()

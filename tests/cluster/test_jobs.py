@@ -5,101 +5,27 @@ killing that session's processes: `ray stop` would kill every Ray instance on th
 """
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import ROOT, lamscale_env
+from conftest import RayHead, free_ports, lamscale_env
 
 pytestmark = pytest.mark.slow
 TINY = ["train.max_steps=6", "train.ckpt_every=3", "train.eval_every=6", "train.log_every=2", "data.batch_size=8"]
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _session_processes(sid: int) -> list[psutil.Process]:
-    """Processes of session `sid` plus all their descendants (job drivers start their own sessions)."""
-    found: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                found[p.pid] = p
-                found.update({c.pid: c for c in p.children(recursive=True)})
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return list(found.values())
-
-
-def _kill_session(sid: int) -> None:
-    procs = _session_processes(sid)
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-
-
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(tmp_path_factory):
     """A Ray head with the dashboard (Jobs API) on a free port; yields its http:// address."""
-    temp = tempfile.mkdtemp(prefix="lsray-", dir="/tmp")  # short: Ray's socket paths live under it
-    gcs, dash, nm, om, rt, agent_grpc, agent_http, metrics, client = _free_ports(9)
-    venv_bin = str(Path(sys.executable).parent)
-    # the cluster's `python` must be the one with lamscale's dependencies, as on a real cluster node
-    env = lamscale_env({"PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"})
-    cmd = [os.path.join(venv_bin, "ray"), "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp}",
-           f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--runtime-env-agent-port={rt}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--dashboard-agent-listen-port={agent_http}",
-           f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
-           "--object-store-memory=268435456", "--disable-usage-stats"]
-    starter = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    sid = starter.pid
-    address = f"http://127.0.0.1:{dash}"
+    head = RayHead()
     try:
-        out, _ = starter.communicate(timeout=240)
-        assert starter.returncode == 0, out[-3000:]
-        deadline = time.time() + 120
-        while True:  # ready once the Jobs API answers an authenticated query (Ray ≥ 2.52 may require a token)
-            probe = lamscale(ROOT, "status", "lamscale_probe", "--address", address, timeout=60)
-            if "does not exist" in probe.stderr:
-                break
-            assert time.time() < deadline, f"Jobs API did not answer on {address}: {probe.stderr}"
-            time.sleep(1)
-        yield address
+        head.start()
+        yield head.address
     finally:
-        _kill_session(sid)
-        for _ in range(5):  # a process that was still exiting may recreate a log file once
-            shutil.rmtree(temp, ignore_errors=True)
-            if not os.path.exists(temp):
-                break
-            time.sleep(1)
+        head.stop()
 
 
 def lamscale(repo_root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -168,7 +94,7 @@ def test_stop_saves_and_reports_stopped(repo_root, ray_head, tmp_path):
 
 
 def test_unreachable_cluster_and_bad_config_fail_in_one_line(repo_root, tmp_path):
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     down = lamscale(repo_root, "status", "raysubmit_x", "--address", f"http://127.0.0.1:{port}", timeout=60)
     assert down.returncode == 2 and down.stderr.count("\n") == 1, down.stderr
     assert f"cannot reach the Ray cluster at http://127.0.0.1:{port}" in down.stderr

@@ -1,81 +1,111 @@
-"""A real run: Ray Train + DeepSpeed ZeRO-2 workers, its driver SIGKILLed after a checkpoint, re-run, resumed."""
+"""Real runs (Ray Train + DeepSpeed ZeRO-2 workers, fp32, CPU): one uninterrupted, and the same run
+killed at three points (mid-epoch, right after a commit, inside a save; the driver SIGKILLed each time)
+and re-run each time with the same command. The resumed run must log the same per-step losses and end
+with the same weights, bit for bit; the save killed before its commit is never restored from."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
+import torch
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from conftest import lamscale_env
+from conftest import lamscale_env, reap_process_group, training_workers, wait_gone
 from lamscale.tasks.qvhighlights_metrics import evaluate, load_jsonl
 
 pytestmark = pytest.mark.slow
-STEPS = ["train.max_steps=12", "train.ckpt_every=4", "train.eval_every=6", "train.log_every=2", "data.batch_size=8"]
+STEPS = ["train.max_steps=12", "train.ckpt_every=4", "train.eval_every=6", "train.log_every=1", "train.keep_last=2",
+         "train.precision=fp32", "data.batch_size=8"]
+FAULTS = ["after_step@6", "after_commit@8", "before_commit@12"]
 
 
-def _group_commands(pgid: int) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pgid=,args="], capture_output=True, text=True).stdout
-    return [line.split(None, 1)[1] for line in out.splitlines() if line.split(None, 1)[0] == str(pgid)]
-
-
-def _wait_for_training_exit(pgid: int, timeout: float) -> bool:
-    """True once no Ray Train worker or controller of the killed driver's session is alive."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if not any("RayTrainWorker" in c or "TrainController" in c for c in _group_commands(pgid)):
-            return True
-        time.sleep(0.5)
-    return False
+def _run(repo_root: Path, storage: Path, name: str, fault: str = "") -> dict:
+    cmd = [sys.executable, "-m", "lamscale", "train", "configs/tiny.yaml", f"run.storage={storage}", f"run.name={name}", *STEPS]
+    proc = subprocess.Popen(cmd, cwd=repo_root, env=lamscale_env({"LAMSCALE_FAULT": fault} if fault else None),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen, workers = [], []
+    for line in proc.stdout:
+        seen.append(line)
+        if not workers and "] step " in line:  # training runs: note the workers while the driver lives
+            workers = training_workers(proc.pid)
+    proc.wait(600)
+    workers_gone = True
+    if fault:  # the driver was SIGKILLed: Ray must end the workers itself; then reap its idle agents
+        workers_gone = bool(workers) and wait_gone(workers, 60)
+        reap_process_group(proc.pid)
+    return {"rc": proc.returncode, "out": "".join(seen), "workers_gone": workers_gone}
 
 
 @pytest.fixture(scope="module")
-def killed_and_resumed(repo_root, sample_shards, tmp_path_factory):
+def runs(repo_root, sample_shards, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
-    cmd = [sys.executable, "-m", "lamscale", "train", "configs/tiny.yaml", f"run.storage={storage}", "run.name=e2e", *STEPS]
-    first = subprocess.Popen(cmd, cwd=repo_root, env=lamscale_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
-    seen = []
-    for line in first.stdout:
-        seen.append(line)
-        if "checkpoint step 4 committed" in line:
-            first.send_signal(signal.SIGKILL)  # the driver only: Ray must clean up the workers itself
-            break
-    first.wait(60)
-    assert any("checkpoint step 4 committed" in line for line in seen), "".join(seen[-40:])
-    orphans_gone = _wait_for_training_exit(first.pid, 60)
-    # Ray's idle per-node agents outlive a SIGKILLed driver; reap them so tests stay independent
-    try:
-        os.killpg(first.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    second = subprocess.run(cmd, cwd=repo_root, env=lamscale_env(), capture_output=True, text=True, timeout=600)
-    return {"run": storage / "e2e", "first": "".join(seen), "second": second, "orphans_gone": orphans_gone}
+    reference = _run(repo_root, storage, "reference")
+    assert reference["rc"] == 0, reference["out"][-3000:]
+    interrupted = [_run(repo_root, storage, "interrupted", fault) for fault in FAULTS]
+    final = _run(repo_root, storage, "interrupted")
+    return {"reference": storage / "reference", "run": storage / "interrupted", "interrupted": interrupted, "final": final}
 
 
-def test_driver_sigkill_leaves_no_training_behind(killed_and_resumed):
-    assert killed_and_resumed["orphans_gone"], "Ray Train workers of the killed driver kept running"
+def _start_line(out: str) -> str:
+    return next(line for line in out.splitlines() if "at step" in line and "[lamscale]" in line)
 
 
-def test_rerun_resumes_and_finishes(killed_and_resumed):
-    second = killed_and_resumed["second"]
-    out = second.stdout + second.stderr
-    assert second.returncode == 0, out[-3000:]
-    resumed = [line for line in out.splitlines() if "resumed at step" in line]
-    assert resumed and int(resumed[0].split("resumed at step ")[1].split("/")[0]) >= 4, out[-3000:]
-    assert "step 12/12" in out and "checkpoint step 12 committed" in out
-    run = killed_and_resumed["run"]
-    steps = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert steps[-1] == "step_00000012" and len(steps) == 2  # keep_last
-    commit = json.loads((run / "checkpoints" / "step_00000012" / "commit.json").read_text())
+def test_each_fault_killed_the_run_where_asked(runs):
+    for fault, result in zip(FAULTS, runs["interrupted"]):
+        assert result["rc"] == -9, (fault, result["out"][-2000:])  # the driver died by SIGKILL
+        steps = [int(line.split("] step ")[1].split("/")[0]) for line in result["out"].splitlines() if "] step " in line]
+        assert steps[-1] <= int(fault.split("@")[1]), (fault, result["out"][-2000:])
+        assert result["workers_gone"], f"{fault}: Ray Train workers of the killed driver kept running"
+    starts = [_start_line(r["out"]) for r in [*runs["interrupted"], runs["final"]]]
+    assert "starting at step 0/12" in starts[0]
+    assert "resumed at step 4/12" in starts[1]  # killed mid-epoch at 6: back to the commit at 4
+    assert "resumed at step 8/12" in starts[2]  # killed right after committing 8
+    assert "resumed at step 8/12" in starts[3], starts  # the save of 12 was killed before its commit
+
+
+def test_rerun_finishes_and_keeps_last_two(runs):
+    final = runs["final"]
+    assert final["rc"] == 0, final["out"][-3000:]
+    assert "step 12/12" in final["out"] and "checkpoint step 12 committed" in final["out"]
+    steps = sorted(p.name for p in (runs["run"] / "checkpoints").iterdir())
+    assert steps == ["step_00000008", "step_00000012"], steps  # keep_last, and the dead save's leftovers are gone
+    commit = json.loads((runs["run"] / "checkpoints" / "step_00000012" / "commit.json").read_text())
     assert {"mp_rank_00_model_states.pt", "rank_0.pt", "rank_1.pt", "trainer.json"} <= set(commit["files"])
 
 
-def test_predictions_and_metrics_are_official(killed_and_resumed, sample_shards):
-    run = killed_and_resumed["run"]
+def _losses(run: Path) -> dict[int, list[float]]:
+    """Every train/loss value of every event file, by step (steps replayed after a resume appear twice)."""
+    found: dict[int, list[float]] = {}
+    for path in sorted((run / "tb").rglob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "train/loss":
+                    found.setdefault(event.step, []).append(value.simple_value)
+    return found
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def test_losses_and_weights_are_bit_identical(runs):
+    reference, interrupted = _losses(runs["reference"]), _losses(runs["run"])
+    assert sorted(reference) == list(range(1, 13)) and sorted(interrupted) == list(range(1, 13))
+    for step in range(1, 13):
+        assert len(reference[step]) == 1
+        assert set(interrupted[step]) == set(reference[step]), (step, reference[step], interrupted[step])
+    assert max(len(v) for v in interrupted.values()) == 2  # steps 5-6 and 9-12 really ran twice
+    want, got = _weights(runs["reference"]), _weights(runs["run"])
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_predictions_and_metrics_are_official(runs, sample_shards):
+    run = runs["run"]
     predictions = load_jsonl(run / "predictions_val.jsonl")
     assert len(predictions) == 400 and len({p["qid"] for p in predictions}) == 400
     assert set(predictions[0]) == {"qid", "query", "vid", "pred_relevant_windows", "pred_saliency_scores"}
@@ -83,12 +113,13 @@ def test_predictions_and_metrics_are_official(killed_and_resumed, sample_shards)
     assert metrics.pop("step") == 12
     truths = load_jsonl(sample_shards.parent / "qvhighlights_sample" / "val.jsonl")
     assert json.loads(json.dumps(evaluate(predictions, truths))) == metrics
+    assert metrics == {k: v for k, v in json.loads((runs["reference"] / "metrics_val.json").read_text()).items() if k != "step"}
 
 
-def test_tensorboard_has_scalars_and_mask_images(killed_and_resumed):
+def test_tensorboard_has_scalars_and_mask_images(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(killed_and_resumed["run"] / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc = EventAccumulator(str(runs["run"] / "tb"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
     for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/data_wait_share",

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from lamscale.data.stream import TrainStream, check_shards, eval_samples, expand_urls
+from lamscale.data.stream import TrainStream, absolute_pattern, check_shards, eval_samples, expand_urls
 from lamscale.storage import StorageError
 
 TRAIN = "train-{000000..000003}.tar"
@@ -15,6 +15,13 @@ def keys(stream, n):
 def test_expand_urls_makes_local_paths_absolute(tmp_path):
     urls = expand_urls(f"{tmp_path}/a-{{0..2}}.tar, s3://b/x.tar")
     assert urls == [f"{tmp_path}/a-0.tar", f"{tmp_path}/a-1.tar", f"{tmp_path}/a-2.tar", "s3://b/x.tar"]
+
+
+def test_a_pipe_pattern_is_one_shell_command_per_shard():
+    assert expand_urls("pipe:curl -s http://host/a-{0..1}.tar") == ["pipe:curl -s http://host/a-0.tar",
+                                                                   "pipe:curl -s http://host/a-1.tar"]
+    assert absolute_pattern(" pipe:cat a.tar ") == "pipe:cat a.tar"
+    assert check_shards("pipe:cat /nonexistent/a.tar", "data.train") == ["pipe:cat /nonexistent/a.tar"]  # not probed
 
 
 def test_check_shards_names_the_missing_url(sample_shards):
