@@ -51,8 +51,11 @@ def retry_budget_s() -> float:
 def _transient(e: BaseException) -> bool:
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False  # answers, not outages
-    # botocore/aiohttp connection errors are not all OSError subclasses; match them by module
-    return isinstance(e, (OSError, TimeoutError)) or type(e).__module__.split(".")[0] in ("botocore", "aiohttp", "aiobotocore")
+    if isinstance(e, (OSError, TimeoutError)):
+        return True
+    # botocore/aiohttp connection errors are not OSError subclasses; NoCredentialsError & co. are answers
+    return type(e).__module__.split(".")[0] in ("botocore", "aiohttp", "aiobotocore") and \
+        any(word in type(e).__name__ for word in ("Connect", "Connection", "Timeout", "Endpoint"))
 
 
 def retry(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T:

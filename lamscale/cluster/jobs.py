@@ -57,11 +57,11 @@ def _without_address_env() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _use_local_auth_token() -> None:
+def use_local_auth_token() -> None:
     """Send the local Ray auth token (~/.ray/auth_token, $RAY_AUTH_TOKEN) when there is one.
 
-    Ray ≥ 2.52 clusters started where a token exists require it, and `ray.init()` uses it on its own, but
-    JobSubmissionClient only does when RAY_AUTH_MODE=token; an explicit RAY_AUTH_MODE is left alone.
+    Ray ≥ 2.52 clusters started where a token exists require it, but JobSubmissionClient and
+    ray.init(address=…) only send it when RAY_AUTH_MODE=token; an explicit RAY_AUTH_MODE is left alone.
     """
     import logging
 
@@ -81,7 +81,7 @@ def connect(address: str = ""):
     from ray.job_submission import JobSubmissionClient
 
     address = resolve_address(address)
-    _use_local_auth_token()
+    use_local_auth_token()
     try:
         if address.startswith(("http://", "https://")):
             import requests

@@ -73,6 +73,9 @@ def _start_ray(cfg: Config, address: str) -> None:
     # LAMSCALE_* settings (storage retry budget, test fault injection) reach every worker
     env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("LAMSCALE_")}}
     if address:
+        from lamscale.cluster.jobs import use_local_auth_token
+
+        use_local_auth_token()  # clusters started where a Ray auth token exists require it
         ray.init(address=address, log_to_driver=True, runtime_env=env)
     else:  # a private in-process cluster sized for this run
         need = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999)

@@ -17,7 +17,7 @@ RUN = "lamscale-test/restart/run"
 
 def test_driver_kill_cluster_restart_resume_from_s3(repo_root, sample_shards, seaweedfs):
     env = lamscale_env(seaweedfs.env())
-    head = RayHead()
+    head = RayHead(seaweedfs.env())  # cluster nodes hold the store's credentials (an instance role, in the cloud)
     try:
         head.start()
         cmd = [sys.executable, "-m", "lamscale", "train", "configs/tiny.yaml", "run.storage=s3://lamscale-test/restart",
