@@ -19,7 +19,7 @@ from lamscale.tasks.qvhighlights_metrics import evaluate as official_metrics
 from lamscale.train.checkpoint import CheckpointStore, committed_steps
 from lamscale.train import faults
 from lamscale.train.engine import build_engine
-from lamscale.train.monitor import Monitor
+from lamscale.train.monitor import Monitor, RateWindow
 from lamscale.train.preempt import StopFlag
 
 
@@ -53,26 +53,25 @@ class Trainer:
 
     def fit(self) -> None:
         t, batches = self.cfg.train, self.batches()
-        window_start, data_wait, window_samples = time.perf_counter(), 0.0, 0
+        window = RateWindow(self.world)
         while self.step < t.max_steps:
             t0 = time.perf_counter()
             batch = next(batches)
-            data_wait += time.perf_counter() - t0
+            window.waited(time.perf_counter() - t0)
             out = self.engine(*[x.to(self.engine.device) for x in batch.inputs(self.dtype)])
             loss, parts = task.losses(out, _to(batch, self.engine.device), self.cfg.task)
             self.engine.backward(loss)
             self.engine.step()
-            window_samples += len(batch.meta)
+            window.add(len(batch.meta), batch.tokens)
             self.samples_seen += len(batch.meta) * self.world
             self.tokens_seen += batch.tokens * self.world
             if self.engine.global_steps == self.step:
                 continue  # inside a gradient-accumulation window
             self.step = self.engine.global_steps
+            window.steps += 1
             faults.maybe_kill("after_step", self.step, self.rank)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                elapsed = time.perf_counter() - window_start
-                self.log(loss, parts, window_samples * self.world / elapsed, data_wait / elapsed)
-                window_start, data_wait, window_samples = time.perf_counter(), 0.0, 0
+                self.log(loss, parts, window.rates())
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
                 self.evaluate()
             saved = self.step % t.ckpt_every == 0 or self.step == t.max_steps
@@ -88,7 +87,8 @@ class Trainer:
         if self.monitor:
             self.monitor.close()
 
-    def log(self, loss: torch.Tensor, parts: dict[str, float], samples_per_s: float, data_share: float) -> None:
+    def log(self, loss: torch.Tensor, parts: dict[str, float], rates: dict[str, float]) -> None:
+        """Rank 0 writes the window's loss terms (averaged over ranks), rates, memory and skip counts."""
         values = torch.tensor([float(loss.detach()), *parts.values()])
         dist.all_reduce(values)
         values /= self.world
@@ -102,10 +102,9 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         self.monitor.scalars(self.step, {"loss": float(values[0]), "lr": lr, "grad_norm": float(grad_norm or 0.0)}, "train/")
         self.monitor.scalars(self.step, dict(zip(parts, values[1:].tolist())), "loss/")
-        self.monitor.scalars(self.step, {
-            "samples_per_s": samples_per_s, "tokens_seen": self.tokens_seen, "data_wait_share": data_share,
-            "rss_gib": psutil.Process().memory_info().rss / 2**30}, "perf/")
-        self.say(self.monitor.progress(self.step, float(values[0]), lr, samples_per_s))
+        self.monitor.scalars(self.step, {**rates, "tokens_seen": self.tokens_seen,
+                                         "rss_gib": psutil.Process().memory_info().rss / 2**30}, "perf/")
+        self.say(self.monitor.progress(self.step, float(values[0]), lr, rates["samples_per_s"]))
 
     @torch.no_grad()
     def evaluate(self) -> None:

@@ -26,6 +26,31 @@ def heatmap(mask: torch.Tensor) -> np.ndarray:
     return (colormaps["viridis"](scaled)[..., :3] * 255).astype(np.uint8)
 
 
+class RateWindow:
+    """Throughput of the steps since the last log line (samples and tokens summed over `world` ranks)."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.wait, self.samples, self.tokens, self.steps = time.perf_counter(), 0.0, 0, 0, 0
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def add(self, samples: int, tokens: int) -> None:
+        self.samples, self.tokens = self.samples + samples, self.tokens + tokens
+
+    def rates(self) -> dict[str, float]:
+        """The window's rates; starts the next window."""
+        s = time.perf_counter() - self.start
+        out = {"samples_per_s": self.samples * self.world / s, "tokens_per_s": self.tokens * self.world / s,
+               "step_time_s": s / max(self.steps, 1), "data_wait_share": self.wait / s}
+        self.reset()
+        return out
+
+
 class Monitor:
     def __init__(self, run_url: str, start_step: int, total_steps: int):
         self.remote = None if storage.is_local(run_url) else storage.join(run_url, "tb")
@@ -42,6 +67,7 @@ class Monitor:
     def mask_images(self, step: int, maps: list[tuple[int, torch.Tensor]]) -> None:
         for layer, mask in maps:  # mask (Hm, n, n): show the first head (shared masks have one)
             self.writer.add_image(f"lam_mask/layer_{layer}", heatmap(mask[0]), step, dataformats="HWC")
+            self.writer.add_histogram(f"lam_mask_values/layer_{layer}", mask.float(), step)
 
     def progress(self, step: int, loss: float, lr: float, samples_per_s: float) -> str:
         done = step - self.start_step

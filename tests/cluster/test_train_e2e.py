@@ -122,10 +122,12 @@ def test_tensorboard_has_scalars_and_mask_images(runs):
     acc = EventAccumulator(str(runs["run"] / "tb"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/data_wait_share",
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s",
+                "perf/step_time_s", "perf/rss_gib", "perf/data_wait_share",
                 "val/MR-full-mAP", "val/HL-min-VeryGood-mAP", "perf/checkpoint_save_s"):
         assert tag in tags["scalars"], tags["scalars"]
     assert {"lam_mask/layer_0", "lam_mask/layer_1"} <= set(tags["images"])
+    assert {"lam_mask_values/layer_0", "lam_mask_values/layer_1"} <= set(tags["histograms"])
     assert acc.Scalars("train/loss")[-1].step == 12
     image = acc.Images("lam_mask/layer_1")[-1]
     assert image.width == image.height > 10
