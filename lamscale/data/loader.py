@@ -10,6 +10,9 @@ batch comes from the worker whose turn was next.
 """
 from __future__ import annotations
 
+import queue
+import threading
+
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterator
@@ -127,7 +130,7 @@ class TrainLoader:
     def _items(self) -> Iterator[tuple]:
         dataset = _Streams(self.spec, self.rank, self.world, list(self.positions), self.next, self.collate)
         if self.workers == 0:
-            return iter(dataset)
+            return _read_ahead(iter(dataset), self.prefetch)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=_as_is,
                                prefetch_factor=self.prefetch, in_order=True))
 
@@ -140,3 +143,35 @@ class TrainLoader:
             self.positions[worker], self.counts[worker] = position, counts
             self.next = (worker + 1) % self.streams
             yield batch
+
+
+def _read_ahead(items: Iterator[tuple], depth: int) -> Iterator[tuple]:
+    """The same items, produced `depth` ahead by a thread, so reading, decoding and collating (numpy and
+    torch, mostly outside the GIL) overlap the training step. Positions are still recorded when an item
+    is consumed, and the data path draws only from its own seeded RNGs, so runs stay bit-exact."""
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put((True, item), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it as if it had read itself
+            box.put((False, e))
+
+    threading.Thread(target=produce, name="lamscale-read-ahead", daemon=True).start()
+    try:
+        while True:
+            ok, value = box.get()
+            if not ok:
+                raise value
+            yield value
+    finally:
+        stop.set()
