@@ -100,6 +100,46 @@ def measure(build: Case, device: str, warmup: int = 1, repeats: int = 3, threads
     return queue.get()
 
 
+def _paired_child(builds: list[Case], device: str, warmup: int, rounds: int, threads: int, queue) -> None:
+    try:
+        torch.set_num_threads(threads)
+        steps = [build() for build in builds]
+        for step in steps:
+            for _ in range(warmup):
+                step()
+        times: list[list[float]] = [[] for _ in steps]
+        for _ in range(rounds):  # alternate, so that drift in machine speed hits every case alike
+            for step, record in zip(steps, times):
+                _sync(device)
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                record.append(time.perf_counter() - t0)
+        queue.put({"ms": [1000 * statistics.median(t) for t in times]})
+    except Exception as e:
+        queue.put({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+
+
+def measure_paired(builds: list[Case], device: str, warmup: int = 1, rounds: int = 8, threads: int = 0,
+                   timeout: float = 900) -> dict:
+    """Time several cases in one fresh process, one step of each in turn; returns {"ms": [median per case]}.
+
+    On a shared or throttled machine, separate runs drift by ±15 %; interleaved steps see the same
+    machine, so their ratio is the number to compare cases by.
+    """
+    ctx = mp.get_context("spawn" if device == "cuda" else "fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_paired_child, args=(builds, device, warmup, rounds, threads or torch.get_num_threads(), queue))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        return {"error": f"timed out after {timeout:.0f}s"}
+    if queue.empty():
+        return {"error": f"exit {proc.exitcode}"}
+    return queue.get()
+
+
 def environment(device: str) -> dict:
     env = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "device": device, "threads": torch.get_num_threads()}
     if device == "cuda":

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from lamscale.bench.common import Case, baseline_at, environment, markdown_table, run_cases
+from lamscale.bench.common import Case, baseline_at, environment, markdown_table, measure_paired, run_cases
 from lamscale.config import LAMConfig, ModelConfig
 
 TEXT_TOKENS = 32
@@ -52,6 +52,19 @@ def encoder_case(variant: str, n: int, dim: int, layers: int, heads: int, block:
     return step
 
 
+def _add_paired_ratios(rows: list[dict], build: Callable[[int, str], Case], device: str, rounds: int) -> None:
+    """x_vanilla_paired: tokens/s against vanilla-sdpa from steps interleaved in one process."""
+    from tqdm import tqdm
+
+    todo = [r for r in rows if r["case"] != "vanilla-sdpa" and "ms" in r and baseline_at(rows, r["N"], "vanilla-sdpa")]
+    for row in tqdm(todo, desc="bench encoder (paired with vanilla-sdpa)", unit="case"):
+        result = measure_paired([build(row["N"], "vanilla-sdpa"), build(row["N"], row["case"])], device, rounds=rounds)
+        if "ms" in result:
+            vanilla_ms, case_ms = result["ms"]
+            row["x_vanilla_paired"] = vanilla_ms / case_ms
+            row["paired_ms"] = {"vanilla-sdpa": vanilla_ms, row["case"]: case_ms, "rounds": rounds}
+
+
 def bench_encoder(lengths: list[int], variants: list[str], device: str, dim: int, layers: int, heads: int,
                   block: int, dtype: str, repeats: int) -> dict:
     def build(n: int, variant: str) -> Case:
@@ -65,8 +78,9 @@ def bench_encoder(lengths: list[int], variants: list[str], device: str, dim: int
         base = baseline_at(rows, row["N"], "vanilla-sdpa")
         if base and "ms" in row:
             row["x_vanilla_tokens_per_s"] = row["tokens_per_s"] / base["tokens_per_s"]
+    _add_paired_ratios(rows, build, device, max(repeats, 8))
     settings = {"dim": dim, "layers": layers, "heads": heads, "block": block, "dtype": dtype, "batch": 1,
                 "checkpointing": True, "lam": {"rank": 16, "key": "token", "heads": "shared", "bound": "none"},
                 "variants (lam.layers, lam.combine, backend)": {v: VARIANTS[v] for v in variants}}
     return {"kind": "encoder", "env": environment(device), "settings": settings, "rows": rows,
-            "table": markdown_table(rows, ["N", "case", "ms", "tokens_per_s", "x_vanilla_tokens_per_s", "peak_mib", "error"])}
+            "table": markdown_table(rows, ["N", "case", "ms", "tokens_per_s", "x_vanilla_tokens_per_s", "x_vanilla_paired", "peak_mib", "error"])}

@@ -1,21 +1,58 @@
 // Fused LAM attention for CPU (the `cpp` backend; built on first use by cpu_lam.py).
 //
-// One task = (sample, block of query rows). Per head it computes the score tile S = q_blk Kᵀ and the
-// mask tile M = bound(h_blk Gᵀ + c) with BLAS, then one vectorisable pass combines, pads and
-// softmaxes the tile while it sits in cache, and O = P V. Backward recomputes both tiles from
-// (q, k, h, g, c) and the saved row log-sum-exp (FlashAttention-2 equations plus the mask's chain
-// rule). Memory is O(block·N) per thread; nothing of size N×N exists. Gradients that sum over query
-// rows (dK, dV, dG, dc) go to per-thread buffers summed at the end, so no two threads write one row.
+// One task = (sample, block of query rows); keys are visited in blocks too, so every tile is
+// q_block × kv_block and stays in the core's cache whatever N is. Per (query block, key block, head):
+// the score tile S = scale·q Kᵀ and the mask tile Z = [h, 1]·[G, c]ᵀ (c rides along as an extra
+// factor column, so one GEMM gives both) come from BLAS, then one vectorisable pass bounds the mask,
+// combines, pads and exponentiates. The forward keeps FlashAttention's online softmax (running row
+// max and sum, output rescaled per key block); the backward recomputes the tiles from the saved row
+// log-sum-exp (FlashAttention-2 equations plus the mask's chain rule). Memory is O(tile) per thread:
+// nothing of size N×N exists. Gradients that sum over query rows (dK, dV, d[G, c]) go to per-thread
+// buffers summed at the end, so no two threads write one row. GEMMs call ATen's BLAS directly
+// (Fortran sgemm_/dgemm_, no tensor per call): with tiles this small, per-call overhead would otherwise show.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace {
+
+// Fortran BLAS, exported by libtorch_cpu (MKL on x86 wheels); ATen's own cpublas::gemm is not exported.
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c, const int* ldc);
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                      const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                      const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+                      const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+                      const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Row-major C (m×n) = alpha·op(A)·op(B) + beta·C on column-major BLAS (Cᵀ = op(B)ᵀ·op(A)ᵀ). BLAS
+// leaves C unread when beta = 0, so uninitialised output is fine then.
+template <typename T>
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                 const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
+  blas_gemm(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+}
 
 // exp for float that the compiler vectorises (Cephes-style range reduction + degree-6 polynomial,
 // ~2 ulp); large negative inputs (padding, −inf) give exactly 0.
@@ -43,16 +80,10 @@ inline T bounded(T z) {
   return z;
 }
 
-struct Mode {
-  bool masked, mul, sigmoid;
-  double scale;
-};
-
-// logits = combine(scale·raw, M) + pad (0 or −inf). The mode is a template argument so that every
-// row loop below compiles to straight-line SIMD code with no per-element branch.
+// logit = combine(s, M) + pad (0 or −inf); s already carries the 1/√d scale. The mode is a template
+// argument so every row loop below compiles to straight-line SIMD code with no per-element branch.
 template <typename T, bool MASKED, bool MUL, bool SIGMOID>
-inline T logit(T raw, T m, T pad, T scale) {
-  T s = raw * scale;
+inline T logit(T s, T m, T pad) {
   if constexpr (MASKED) {
     if constexpr (MUL) s = s * m;
     else s = s + (SIGMOID ? m - T(1) : m);  // with a sigmoid bound, M − 1 keeps S exact at init
@@ -60,59 +91,54 @@ inline T logit(T raw, T m, T pad, T scale) {
   return s + pad;
 }
 
-// M tile rows: m = bound(h_blk Gᵀ + c), in place over the BLAS product.
-template <typename T, bool SIGMOID>
-void mask_rows(T* m, const T* c, int64_t n, int64_t N) {
-  for (int64_t i = 0; i < n; ++i) {
-    T* row = m + i * N;
-#pragma omp simd
-    for (int64_t j = 0; j < N; ++j) row[j] = bounded<T, SIGMOID>(row[j] + c[j]);
-  }
-}
-
-// Forward rows: s holds raw scores; leaves unnormalised exp(logit − max) and returns row sums.
+// Forward over one n × nk tile: s holds scores and becomes exp(logit − new row max); the running
+// row max mx and sum l are updated and alpha gets each row's rescale factor for the output so far.
 template <typename T, bool MASKED, bool MUL, bool SIGMOID>
-void forward_rows(T* s, const T* m, const T* pad, int64_t n, int64_t N, T scale, T* lse, T* row_sum) {
+void forward_rows(T* s, const T* z, const T* pad, int64_t n, int64_t nk, T* mx, T* l, T* alpha) {
   for (int64_t i = 0; i < n; ++i) {
-    T* row = s + i * N;
-    const T* mrow = m + i * N;
-    T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < N; ++j) {
-      row[j] = logit<T, MASKED, MUL, SIGMOID>(row[j], mrow[j], pad[j], scale);
-      mx = row[j] > mx ? row[j] : mx;
+    T* row = s + i * nk;
+    T block_max = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : block_max)
+    for (int64_t j = 0; j < nk; ++j) {
+      T m = T(0);
+      if constexpr (MASKED) m = bounded<T, SIGMOID>(z[i * nk + j]);
+      row[j] = logit<T, MASKED, MUL, SIGMOID>(row[j], m, pad[j]);
+      block_max = row[j] > block_max ? row[j] : block_max;
     }
+    const T new_max = std::max(mx[i], block_max);
+    const T base = new_max == -std::numeric_limits<T>::infinity() ? T(0) : new_max;  // all keys so far padded
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < N; ++j) {
-      row[j] = exp_approx(row[j] - mx);
+    for (int64_t j = 0; j < nk; ++j) {
+      row[j] = exp_approx(row[j] - base);
       sum += row[j];
     }
-    row_sum[i] = sum;
-    lse[i] = mx + std::log(sum);
+    alpha[i] = std::exp(mx[i] - base);  // 0 while nothing was accumulated
+    l[i] = l[i] * alpha[i] + sum;
+    mx[i] = new_max;
   }
 }
 
-// Backward rows: raw → dL/draw (scale folded in), dp → P, dz += dL/dz.
+// Backward over one tile: s → dL/ds (for mul, the chain through s·M included), dp → P, dz += dL/dz.
 template <typename T, bool MASKED, bool MUL, bool SIGMOID>
-void backward_rows(T* raw, T* dp, const T* m, T* dz, const T* pad, int64_t n, int64_t N, T scale, const T* lse,
+void backward_rows(T* s, T* dp, const T* z, T* dz, const T* pad, int64_t n, int64_t nk, const T* lse,
                    const T* delta) {
   for (int64_t i = 0; i < n; ++i) {
-    T* rrow = raw + i * N;
-    T* dprow = dp + i * N;
-    const T* mrow = m + i * N;
-    T* dzrow = dz + i * N;
+    T* srow = s + i * nk;
+    T* dprow = dp + i * nk;
     const T lse_i = lse[i], delta_i = delta[i];
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) {
-      const T r = rrow[j], mm = mrow[j];
-      const T p = exp_approx(logit<T, MASKED, MUL, SIGMOID>(r, mm, pad[j], scale) - lse_i);
-      const T ds = p * (dprow[j] - delta_i);  // d loss / d logits
+    for (int64_t j = 0; j < nk; ++j) {
+      const T sv = srow[j];
+      T m = T(0);
+      if constexpr (MASKED) m = bounded<T, SIGMOID>(z[i * nk + j]);
+      const T p = exp_approx(logit<T, MASKED, MUL, SIGMOID>(sv, m, pad[j]) - lse_i);
+      const T dlogit = p * (dprow[j] - delta_i);
       if constexpr (MASKED) {
-        const T dm = MUL ? ds * r * scale : ds;
-        dzrow[j] += SIGMOID ? dm * mm * (T(1) - mm / T(2)) : dm;  // d(2σ(z))/dz = M(1 − M/2)
+        const T dm = MUL ? dlogit * sv : dlogit;
+        dz[i * nk + j] += SIGMOID ? dm * m * (T(1) - m / T(2)) : dm;  // d(2σ(z))/dz = M(1 − M/2)
       }
-      rrow[j] = (MASKED && MUL ? ds * mm : ds) * scale;
+      srow[j] = MASKED && MUL ? dlogit * m : dlogit;
       dprow[j] = p;
     }
   }
@@ -120,113 +146,160 @@ void backward_rows(T* raw, T* dp, const T* m, T* dz, const T* pad, int64_t n, in
 
 template <typename T>
 struct RowKernels {
-  using Mask = void (*)(T*, const T*, int64_t, int64_t);
-  using Fwd = void (*)(T*, const T*, const T*, int64_t, int64_t, T, T*, T*);
-  using Bwd = void (*)(T*, T*, const T*, T*, const T*, int64_t, int64_t, T, const T*, const T*);
-  Mask mask;
+  using Fwd = void (*)(T*, const T*, const T*, int64_t, int64_t, T*, T*, T*);
+  using Bwd = void (*)(T*, T*, const T*, T*, const T*, int64_t, int64_t, const T*, const T*);
   Fwd fwd;
   Bwd bwd;
 };
 
-template <typename T>
-RowKernels<T> pick(const Mode& mode) {
-  if (!mode.masked) return {nullptr, forward_rows<T, false, false, false>, backward_rows<T, false, false, false>};
-  if (mode.mul && mode.sigmoid)
-    return {mask_rows<T, true>, forward_rows<T, true, true, true>, backward_rows<T, true, true, true>};
-  if (mode.mul) return {mask_rows<T, false>, forward_rows<T, true, true, false>, backward_rows<T, true, true, false>};
-  if (mode.sigmoid)
-    return {mask_rows<T, true>, forward_rows<T, true, false, true>, backward_rows<T, true, false, true>};
-  return {mask_rows<T, false>, forward_rows<T, true, false, false>, backward_rows<T, true, false, false>};
-}
-
-// M tile for query rows [i0, i0+n) of sample b, mask head mh, into m (n × N).
-template <typename T>
-void mask_tile(const RowKernels<T>& kern, const at::Tensor& h, const at::Tensor& g, const at::Tensor& c, int64_t b,
-               int64_t mh, int64_t i0, int64_t n, at::Tensor& m) {
-  at::mm_out(m, h[b][mh].narrow(0, i0, n), g[b][mh].t());
-  kern.mask(m.data_ptr<T>(), c[b][mh].data_ptr<T>(), n, m.size(1));
+template <typename T, bool MASKED, bool MUL, bool SIGMOID>
+RowKernels<T> kernels() {
+  return {forward_rows<T, MASKED, MUL, SIGMOID>, backward_rows<T, MASKED, MUL, SIGMOID>};
 }
 
 template <typename T>
-void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pad,
-                  const at::Tensor& h, const at::Tensor& g, const at::Tensor& c, const Mode& mode, int64_t block,
-                  at::Tensor& out, at::Tensor& lse) {
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
-  const int64_t Hm = mode.masked ? h.size(1) : 1;
-  const int64_t blocks = (N + block - 1) / block;
-  const RowKernels<T> kern = pick<T>(mode);
-  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor s_buf = at::empty({block, N}, q.options());
-    at::Tensor m_buf = at::empty({block, N}, q.options());
-    at::Tensor sum_buf = at::empty({block, 1}, q.options());
+RowKernels<T> pick(bool masked, bool mul, bool sigmoid) {
+  if (!masked) return kernels<T, false, false, false>();
+  if (mul) return sigmoid ? kernels<T, true, true, true>() : kernels<T, true, true, false>();
+  return sigmoid ? kernels<T, true, false, true>() : kernels<T, true, false, false>();
+}
+
+// A (B, H, N, D) tensor whose rows are contiguous but whose batch, head and row strides are free:
+// q, k, v arrive as views into the fused qkv projection, and out is written in (B, N, H, D) order,
+// so neither side needs a copy.
+template <typename T>
+struct Rows {
+  T* ptr;
+  int64_t sb, sh, ld;
+  explicit Rows(const at::Tensor& t)
+      : ptr(static_cast<T*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), ld(t.stride(2)) {
+    TORCH_CHECK(t.stride(3) == 1, "lamscale cpp kernel: the last dim must be contiguous");
+  }
+  Rows(T* p, int64_t H, int64_t N, int64_t D) : ptr(p), sb(H * N * D), sh(N * D), ld(D) {}  // contiguous
+  T* at(int64_t b, int64_t h, int64_t i) const { return ptr + b * sb + h * sh + i * ld; }
+};
+
+// Shapes and raw pointers shared by forward and backward; pad, hx and gx are contiguous.
+template <typename T>
+struct Problem {
+  int64_t B, H, N, D, Hm, R, q_block, kv_block, blocks;
+  T scale;
+  Rows<const T> q, k, v;
+  const T *pad, *hx, *gx;
+  bool masked;
+  RowKernels<T> rows;
+
+  Problem(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& pad_,
+          const at::Tensor& hx_, const at::Tensor& gx_, bool masked_, bool mul, bool sigmoid, int64_t qb, int64_t kb)
+      : B(q_.size(0)), H(q_.size(1)), N(q_.size(2)), D(q_.size(3)), Hm(masked_ ? hx_.size(1) : 1),
+        R(masked_ ? hx_.size(3) : 0), q_block(qb), kv_block(kb), blocks((N + qb - 1) / qb),
+        scale(T(1.0 / std::sqrt(static_cast<double>(q_.size(3))))), q(q_), k(k_), v(v_), pad(pad_.data_ptr<T>()), hx(masked_ ? hx_.data_ptr<T>() : nullptr),
+        gx(masked_ ? gx_.data_ptr<T>() : nullptr), masked(masked_), rows(pick<T>(masked_, mul, sigmoid)) {}
+
+  int64_t factor_row(int64_t b, int64_t mh, int64_t i) const { return ((b * Hm + mh) * N + i) * R; }
+  bool new_mask(int64_t hh) const { return masked && (Hm > 1 || hh == 0); }  // a shared mask serves all heads
+  bool mask_done(int64_t hh) const { return masked && (Hm > 1 || hh == H - 1); }
+
+  // Z tile for query rows [i0, i0+n) × keys [j0, j0+nk) of mask head mh.
+  void mask_tile(int64_t b, int64_t mh, int64_t i0, int64_t n, int64_t j0, int64_t nk, T* z) const {
+    gemm<T>(false, true, n, nk, R, T(1), hx + factor_row(b, mh, i0), R, gx + factor_row(b, mh, j0), R, T(0), z, nk);
+  }
+};
+
+template <typename T>
+void forward_impl(const Problem<T>& p, const Rows<T>& out, T* lse) {
+  const int64_t qb = p.q_block, kb = p.kv_block, D = p.D;
+  at::parallel_for(0, p.B * p.blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(qb * kb), z(p.masked ? qb * kb : 0), mx(p.H * qb), l(p.H * qb), alpha(qb);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, i0 = (task % blocks) * block, n = std::min(block, N - i0);
-      at::Tensor s = s_buf.narrow(0, 0, n), m = m_buf.narrow(0, 0, n), row_sum = sum_buf.narrow(0, 0, n);
-      for (int64_t hh = 0; hh < H; ++hh) {
-        if (mode.masked && (Hm > 1 || hh == 0)) mask_tile<T>(kern, h, g, c, b, Hm > 1 ? hh : 0, i0, n, m);
-        at::mm_out(s, q[b][hh].narrow(0, i0, n), k[b][hh].t());
-        kern.fwd(s.data_ptr<T>(), m.data_ptr<T>(), pad[b].data_ptr<T>(), n, N, T(mode.scale),
-                 lse[b][hh].data_ptr<T>() + i0, row_sum.data_ptr<T>());
-        at::Tensor o = out[b][hh].narrow(0, i0, n);
-        at::mm_out(o, s, v[b][hh]);
-        o.div_(row_sum);  // normalise the n×d output instead of the n×N probabilities
+      const int64_t b = task / p.blocks, i0 = (task % p.blocks) * qb, n = std::min(qb, p.N - i0);
+      std::fill(mx.begin(), mx.end(), -std::numeric_limits<T>::infinity());
+      std::fill(l.begin(), l.end(), T(0));
+      for (int64_t j0 = 0; j0 < p.N; j0 += kb) {
+        const int64_t nk = std::min(kb, p.N - j0);
+        for (int64_t hh = 0; hh < p.H; ++hh) {
+          if (p.new_mask(hh)) p.mask_tile(b, p.Hm > 1 ? hh : 0, i0, n, j0, nk, z.data());
+          gemm<T>(false, true, n, nk, D, p.scale, p.q.at(b, hh, i0), p.q.ld, p.k.at(b, hh, j0), p.k.ld, T(0),
+                  s.data(), nk);
+          p.rows.fwd(s.data(), z.data(), p.pad + b * p.N + j0, n, nk, mx.data() + hh * qb, l.data() + hh * qb,
+                     alpha.data());
+          T* o = out.at(b, hh, i0);
+          if (j0 > 0)
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t e = 0; e < D; ++e) o[i * out.ld + e] *= alpha[i];
+          gemm<T>(false, false, n, D, nk, T(1), s.data(), nk, p.v.at(b, hh, j0), p.v.ld, j0 > 0 ? T(1) : T(0), o,
+                  out.ld);
+        }
+      }
+      for (int64_t hh = 0; hh < p.H; ++hh) {
+        T* o = out.at(b, hh, i0);
+        for (int64_t i = 0; i < n; ++i) {
+          const T li = l[hh * qb + i];
+          for (int64_t e = 0; e < D; ++e) o[i * out.ld + e] /= li;
+          lse[(b * p.H + hh) * p.N + i0 + i] = mx[hh * qb + i] + std::log(li);
+        }
       }
     }
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> lam_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               const at::Tensor& pad, const at::Tensor& h, const at::Tensor& g,
-                                               const at::Tensor& c, bool masked, bool mul, bool sigmoid,
-                                               int64_t block) {
+                                               const at::Tensor& pad, const at::Tensor& hx, const at::Tensor& gx,
+                                               bool masked, bool mul, bool sigmoid, int64_t q_block,
+                                               int64_t kv_block) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // the Python autograd.Function owns the graph
-  at::Tensor out = at::empty_like(q);
+  for (const at::Tensor* t : {&k, &v, &pad, &hx, &gx})
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "lamscale cpp kernel: inputs must share one dtype");
+  TORCH_CHECK(pad.is_contiguous() && hx.is_contiguous() && gx.is_contiguous(), "lamscale cpp kernel: pad and "
+              "mask factors must be contiguous");
+  // (B, N, H, D) memory: the caller's transpose(1, 2).reshape(B, N, H·D) is then free
+  at::Tensor out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  const Mode mode{masked, mul, sigmoid, 1.0 / std::sqrt(static_cast<double>(q.size(3)))};
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lam_forward",
-                             [&] { forward_impl<scalar_t>(q, k, v, pad, h, g, c, mode, block, out, lse); });
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lam_forward", [&] {
+    const Problem<scalar_t> p(q, k, v, pad, hx, gx, masked, mul, sigmoid, q_block, kv_block);
+    forward_impl<scalar_t>(p, Rows<scalar_t>(out), lse.data_ptr<scalar_t>());
+  });
   return {out, lse};
 }
 
 template <typename T>
-void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pad,
-                   const at::Tensor& h, const at::Tensor& g, const at::Tensor& c, const at::Tensor& lse,
-                   const at::Tensor& delta, const at::Tensor& dout, const Mode& mode, int64_t block, at::Tensor& dq,
-                   at::Tensor& dk_t, at::Tensor& dv_t, at::Tensor& dh, at::Tensor& dg_t, at::Tensor& dc_t) {
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
-  const int64_t Hm = mode.masked ? h.size(1) : 1;
-  const int64_t blocks = (N + block - 1) / block;
-  const RowKernels<T> kern = pick<T>(mode);
-  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+void backward_impl(const Problem<T>& p, const T* lse, const T* delta, const Rows<const T>& dout, T* dq_ptr,
+                   T* dk_t, T* dv_t, T* dhx, T* dgx_t) {
+  const int64_t qb = p.q_block, kb = p.kv_block, D = p.D, R = p.R;
+  at::parallel_for(0, p.B * p.blocks, 1, [&](int64_t begin, int64_t end) {
     const int64_t tid = at::get_thread_num();
-    TORCH_CHECK(tid < dk_t.size(0), "lamscale cpp kernel: thread ", tid, " outside its gradient buffers");
-    at::Tensor dk = dk_t[tid], dv = dv_t[tid];
-    at::Tensor raw_buf = at::empty({block, N}, q.options()), dp_buf = at::empty({block, N}, q.options());
-    at::Tensor m_buf = at::empty({block, N}, q.options()), dz_buf = at::empty({block, N}, q.options());
+    const Rows<T> dq(dq_ptr, p.H, p.N, D);
+    const Rows<T> dk(dk_t + tid * p.B * p.H * p.N * D, p.H, p.N, D);  // this thread's row-summed gradients
+    const Rows<T> dv(dv_t + tid * p.B * p.H * p.N * D, p.H, p.N, D);
+    T* dgx = p.masked ? dgx_t + tid * p.B * p.Hm * p.N * R : nullptr;
+    std::vector<T> s(qb * kb), dp(qb * kb), z(p.masked ? qb * kb : 0), dz(p.masked ? qb * kb : 0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, i0 = (task % blocks) * block, n = std::min(block, N - i0);
-      at::Tensor raw = raw_buf.narrow(0, 0, n), dp = dp_buf.narrow(0, 0, n);
-      at::Tensor m = m_buf.narrow(0, 0, n), dz = dz_buf.narrow(0, 0, n);
-      for (int64_t hh = 0; hh < H; ++hh) {
-        const int64_t mh = Hm > 1 ? hh : 0;
-        if (mode.masked && (Hm > 1 || hh == 0)) {
-          mask_tile<T>(kern, h, g, c, b, mh, i0, n, m);
-          dz.zero_();  // a shared mask sums dz over heads
-        }
-        at::Tensor q_blk = q[b][hh].narrow(0, i0, n), do_blk = dout[b][hh].narrow(0, i0, n);
-        at::mm_out(raw, q_blk, k[b][hh].t());
-        at::mm_out(dp, do_blk, v[b][hh].t());
-        kern.bwd(raw.data_ptr<T>(), dp.data_ptr<T>(), m.data_ptr<T>(), dz.data_ptr<T>(), pad[b].data_ptr<T>(), n, N,
-                 T(mode.scale), lse[b][hh].data_ptr<T>() + i0, delta[b][hh].data_ptr<T>() + i0);
-        at::Tensor dq_blk = dq[b][hh].narrow(0, i0, n);
-        at::mm_out(dq_blk, raw, k[b][hh]);
-        dk[b][hh].addmm_(raw.t(), q_blk);
-        dv[b][hh].addmm_(dp.t(), do_blk);
-        if (mode.masked && (Hm > 1 || hh == H - 1)) {  // this mask head's dz is complete
-          at::Tensor dh_blk = dh[b][mh].narrow(0, i0, n);
-          at::mm_out(dh_blk, dz, g[b][mh]);
-          dg_t[tid][b][mh].addmm_(dz.t(), h[b][mh].narrow(0, i0, n));
-          dc_t[tid][b][mh].add_(dz.sum(0));
+      const int64_t b = task / p.blocks, i0 = (task % p.blocks) * qb, n = std::min(qb, p.N - i0);
+      for (int64_t j0 = 0; j0 < p.N; j0 += kb) {
+        const int64_t nk = std::min(kb, p.N - j0);
+        const T first = j0 > 0 ? T(1) : T(0);  // GEMM beta: rows owned by this task start from zero
+        for (int64_t hh = 0; hh < p.H; ++hh) {
+          const int64_t mh = p.Hm > 1 ? hh : 0;
+          if (p.new_mask(hh)) {
+            p.mask_tile(b, mh, i0, n, j0, nk, z.data());
+            std::fill(dz.begin(), dz.end(), T(0));
+          }
+          const T* q_blk = p.q.at(b, hh, i0);
+          const T* do_blk = dout.at(b, hh, i0);
+          const T* k_blk = p.k.at(b, hh, j0);
+          gemm<T>(false, true, n, nk, D, p.scale, q_blk, p.q.ld, k_blk, p.k.ld, T(0), s.data(), nk);
+          gemm<T>(false, true, n, nk, D, T(1), do_blk, dout.ld, p.v.at(b, hh, j0), p.v.ld, T(0), dp.data(), nk);
+          p.rows.bwd(s.data(), dp.data(), z.data(), dz.data(), p.pad + b * p.N + j0, n, nk,
+                     lse + (b * p.H + hh) * p.N + i0, delta + (b * p.H + hh) * p.N + i0);
+          gemm<T>(false, false, n, D, nk, p.scale, s.data(), nk, k_blk, p.k.ld, first, dq.at(b, hh, i0), D);
+          gemm<T>(true, false, nk, D, n, p.scale, s.data(), nk, q_blk, p.q.ld, T(1), dk.at(b, hh, j0), D);
+          gemm<T>(true, false, nk, D, n, T(1), dp.data(), nk, do_blk, dout.ld, T(1), dv.at(b, hh, j0), D);
+          if (p.mask_done(hh)) {  // this mask head's dz over the tile is complete
+            gemm<T>(false, false, n, R, nk, T(1), dz.data(), nk, p.gx + p.factor_row(b, mh, j0), R, first,
+                    dhx + p.factor_row(b, mh, i0), R);
+            gemm<T>(true, false, nk, R, n, T(1), dz.data(), nk, p.hx + p.factor_row(b, mh, i0), R, T(1),
+                    dgx + p.factor_row(b, mh, j0), R);
+          }
         }
       }
     }
@@ -234,26 +307,29 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 }
 
 std::vector<at::Tensor> lam_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const at::Tensor& pad, const at::Tensor& h, const at::Tensor& g,
-                                     const at::Tensor& c, const at::Tensor& lse, const at::Tensor& delta,
-                                     const at::Tensor& dout, bool masked, bool mul, bool sigmoid, int64_t block) {
+                                     const at::Tensor& pad, const at::Tensor& hx, const at::Tensor& gx,
+                                     const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& dout,
+                                     bool masked, bool mul, bool sigmoid, int64_t q_block, int64_t kv_block) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
+  TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous(), "lamscale cpp kernel: lse and delta must be contiguous");
   const int64_t threads = at::get_num_threads();
-  at::Tensor dq = at::empty_like(q);
+  at::Tensor dq = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());  // contiguous
   at::Tensor dk_t = at::zeros({threads, q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   at::Tensor dv_t = at::zeros_like(dk_t);
-  at::Tensor dh = masked ? at::empty_like(h) : at::Tensor();
-  at::Tensor dg_t = masked ? at::zeros({threads, g.size(0), g.size(1), g.size(2), g.size(3)}, g.options()) : at::Tensor();
-  at::Tensor dc_t = masked ? at::zeros({threads, c.size(0), c.size(1), c.size(2)}, c.options()) : at::Tensor();
-  const Mode mode{masked, mul, sigmoid, 1.0 / std::sqrt(static_cast<double>(q.size(3)))};
+  at::Tensor dhx = masked ? at::empty(hx.sizes(), hx.options()) : at::Tensor();
+  at::Tensor dgx_t = masked ? at::zeros({threads, gx.size(0), gx.size(1), gx.size(2), gx.size(3)}, gx.options())
+                            : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lam_backward", [&] {
-    backward_impl<scalar_t>(q, k, v, pad, h, g, c, lse, delta, dout, mode, block, dq, dk_t, dv_t, dh, dg_t, dc_t);
+    const Problem<scalar_t> p(q, k, v, pad, hx, gx, masked, mul, sigmoid, q_block, kv_block);
+    backward_impl<scalar_t>(p, lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), Rows<const scalar_t>(dout),
+                            dq.data_ptr<scalar_t>(), dk_t.data_ptr<scalar_t>(), dv_t.data_ptr<scalar_t>(),
+                            masked ? dhx.data_ptr<scalar_t>() : nullptr,
+                            masked ? dgx_t.data_ptr<scalar_t>() : nullptr);
   });
   std::vector<at::Tensor> grads{dq, dk_t.sum(0), dv_t.sum(0)};
   if (masked) {
-    grads.push_back(dh);
-    grads.push_back(dg_t.sum(0));
-    grads.push_back(dc_t.sum(0));
+    grads.push_back(dhx);
+    grads.push_back(dgx_t.sum(0));
   }
   return grads;
 }
@@ -261,10 +337,10 @@ std::vector<at::Tensor> lam_backward(const at::Tensor& q, const at::Tensor& k, c
 }  // namespace
 
 TORCH_LIBRARY(lamscale_cpu, m) {
-  m.def("lam_forward(Tensor q, Tensor k, Tensor v, Tensor pad, Tensor h, Tensor g, Tensor c, bool masked, "
-        "bool mul, bool sigmoid, int block) -> (Tensor, Tensor)");
-  m.def("lam_backward(Tensor q, Tensor k, Tensor v, Tensor pad, Tensor h, Tensor g, Tensor c, Tensor lse, "
-        "Tensor delta, Tensor dout, bool masked, bool mul, bool sigmoid, int block) -> Tensor[]");
+  m.def("lam_forward(Tensor q, Tensor k, Tensor v, Tensor pad, Tensor hx, Tensor gx, bool masked, bool mul, "
+        "bool sigmoid, int q_block, int kv_block) -> (Tensor, Tensor)");
+  m.def("lam_backward(Tensor q, Tensor k, Tensor v, Tensor pad, Tensor hx, Tensor gx, Tensor lse, Tensor delta, "
+        "Tensor dout, bool masked, bool mul, bool sigmoid, int q_block, int kv_block) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(lamscale_cpu, CPU, m) {

@@ -22,3 +22,5 @@ def test_bench_attention_and_encoder_write_reports(repo_root, tmp_path):
         assert all("error" not in r and r["ms"] > 0 for r in report["rows"]), report["rows"]
         assert report["env"]["torch"].startswith("2.") and (tmp_path / f"{what}.png").stat().st_size > 10_000
         assert "| N | case |" in (tmp_path / f"{what}.md").read_text()
+        if what == "encoder":  # the LAM variant is also timed interleaved with vanilla in one process
+            assert report["rows"][1]["x_vanilla_paired"] > 0, report["rows"]

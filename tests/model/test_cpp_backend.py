@@ -90,3 +90,40 @@ def test_auto_picks_cpp_on_cpu_for_long_mul() -> None:
     cpu = torch.device("cpu")
     assert select_backend(cpu, "mul", "none", 2048) == "cpp"
     assert select_backend(cpu, "mul", "sigmoid", 512) == "dense"
+
+
+@pytest.mark.parametrize("combine,bound", [("mul", "none"), ("add", "sigmoid")])
+def test_online_softmax_over_key_blocks_with_leading_padding(combine: str, bound: str) -> None:
+    """block=8 gives key blocks of 32: with the first 40 keys padded, a row's running max starts at −inf."""
+    n = 83
+    inputs = _inputs(n, 2, 1, dtype=torch.float64, seed=1)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[0, :40] = False
+    valid[1, 70:] = False
+    want = _run(inputs, "dense", combine, bound, valid, block=8)
+    got = _run(inputs, "cpp", combine, bound, valid, block=8)
+    for name, a, b in zip(["out", *"qkvhgc"], want, got):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_strided_qkv_views_equal_contiguous_inputs() -> None:
+    """The encoder hands q, k, v as views into one (B, N, 3, H, d) projection; no copy is made for them."""
+    B, N, H, d = 2, 70, 3, 8
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(B, N, 3, H, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    h = torch.rand(B, 1, N, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(B, 1, N, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    c = torch.ones(B, 1, N, dtype=torch.float64, requires_grad=True)
+    valid = torch.ones(B, N, dtype=torch.bool)
+    valid[1, 50:] = False
+    results = []
+    for prepare in (lambda t: t, lambda t: t.contiguous()):
+        q, k, v = (prepare(t) for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+        out = attention(q, k, v, LowRankMask(h, g, c), valid, combine="mul", backend="cpp", block=16)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        results.append([out, *torch.autograd.grad((out * weight).sum(), (qkv, h, g, c))])
+    assert not qkv.permute(2, 0, 3, 1, 4)[0].is_contiguous()
+    for name, a, b in zip(["out", "qkv", "h", "g", "c"], *results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    # out is laid out (B, N, H, d), so the encoder's transpose(1, 2).reshape is a view, not a copy
+    assert results[0][0].transpose(1, 2).is_contiguous()
