@@ -33,7 +33,7 @@ class LAMConfig:
     hidden: int = 64  # r1: width of the generator MLP
     max_len: int = 512  # N_max for key=position
     backend: Literal["auto", "dense", "chunked", "cpp", "sdpa", "triton"] = "chunked"
-    block: int = 128  # query block of the chunked backend
+    block: int = 128  # query block of the chunked backend; caps the cpp kernel's tile (≤ 128 rows × 4·rows keys)
 
 
 @dataclass
