@@ -9,8 +9,47 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 
 tl = None  # triton.language, bound by _kernels()
+
+
+# Helpers shared by the three kernels (jitted with them; kernels call them like any Triton function).
+def _mask_tile(hq, g_base, c_base, offs_n, col_ok, offs_r, r_ok, stride_gn, stride_cn, MPREC: tl.constexpr):
+    """Pre-bound mask Z = h_blk·G_blkᵀ + c_blk for a (query block, key block) tile; also returns G_blk."""
+    g = tl.load(g_base + offs_n[:, None] * stride_gn + offs_r[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+    cc = tl.load(c_base + offs_n * stride_cn, mask=col_ok, other=0.0).to(tl.float32)
+    return tl.dot(hq, tl.trans(g), input_precision=MPREC) + cc[None, :], g
+
+
+def _combine(s, z, MUL: tl.constexpr, SIGMOID: tl.constexpr):
+    """Bound Z into M and combine it with the scores S: returns (logits, M)."""
+    if SIGMOID:
+        mk = 2.0 * tl.sigmoid(z)
+    else:
+        mk = z
+    if MUL:
+        t = s * mk
+    elif SIGMOID:
+        t = s + (mk - 1.0)  # the constant 1 is softmax-invariant; S stays exact at init
+    else:
+        t = s + mk
+    return t, mk
+
+
+def _combine_grads(dt, s, mk, MUL: tl.constexpr, SIGMOID: tl.constexpr):
+    """From dL/d(logits) to (dL/dS, dL/dZ)."""
+    if MUL:
+        ds = dt * mk
+        dm = dt * s
+    else:
+        ds = dt
+        dm = dt
+    if SIGMOID:
+        dz = dm * (mk * (1.0 - 0.5 * mk))  # d(2σ(z))/dz = M (1 − M/2)
+    else:
+        dz = dm
+    return ds, dz
 
 
 def _lam_fwd_kernel(
@@ -69,20 +108,8 @@ def _lam_fwd_kernel(
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * sm_scale
         if HAS_MASK:
-            g = tl.load(g_base + offs_n[:, None] * stride_gn + offs_r[None, :],
-                        mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-            cc = tl.load(c_base + offs_n * stride_cn, mask=col_ok, other=0.0).to(tl.float32)
-            z = tl.dot(hq, tl.trans(g), input_precision=MPREC) + cc[None, :]
-            if SIGMOID:
-                mk = 2.0 * tl.sigmoid(z)
-            else:
-                mk = z
-            if MUL:
-                t = s * mk
-            elif SIGMOID:
-                t = s + (mk - 1.0)
-            else:
-                t = s + mk
+            z, g = _mask_tile(hq, g_base, c_base, offs_n, col_ok, offs_r, r_ok, stride_gn, stride_cn, MPREC)
+            t, mk = _combine(s, z, MUL, SIGMOID)
         else:
             t = s
         keep = tl.load(kv_base + offs_n, mask=col_ok, other=0) != 0
@@ -172,17 +199,7 @@ def _lam_bwd_dkdv_kernel(
         if HAS_MASK:
             hT = tl.load(h_base + offs_m[None, :] * stride_hn + offs_r[:, None],
                          mask=row_ok[None, :] & r_ok[:, None], other=0.0)  # (R, M)
-            zT = tl.dot(g, hT, input_precision=MPREC) + cc[:, None]
-            if SIGMOID:
-                mT = 2.0 * tl.sigmoid(zT)
-            else:
-                mT = zT
-            if MUL:
-                tT = sT * mT
-            elif SIGMOID:
-                tT = sT + (mT - 1.0)
-            else:
-                tT = sT + mT
+            tT, mT = _combine(sT, tl.dot(g, hT, input_precision=MPREC) + cc[:, None], MUL, SIGMOID)
         else:
             tT = sT
         tT = tl.where(keep[:, None], tT * 1.4426950408889634, float("-inf"))
@@ -191,16 +208,7 @@ def _lam_bwd_dkdv_kernel(
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dtT = pT * (dpT - delta[None, :])  # dL/dT, T the combined logits
         if HAS_MASK:
-            if MUL:
-                dsT = dtT * mT
-                dmT = dtT * sT
-            else:
-                dsT = dtT
-                dmT = dtT
-            if SIGMOID:
-                dzT = dmT * (mT * (1.0 - 0.5 * mT))  # d(2σ(z))/dz = M (1 − M/2)
-            else:
-                dzT = dmT
+            dsT, dzT = _combine_grads(dtT, sT, mT, MUL, SIGMOID)
             dg += tl.dot(dzT.to(Hq.dtype.element_ty), tl.trans(hT), input_precision=MPREC)
             dc += tl.sum(dzT, 1)
         else:
@@ -278,20 +286,8 @@ def _lam_bwd_dq_kernel(
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (D, N)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * sm_scale
         if HAS_MASK:
-            g = tl.load(g_base + offs_n[:, None] * stride_gn + offs_r[None, :],
-                        mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-            cc = tl.load(c_base + offs_n * stride_cn, mask=col_ok, other=0.0).to(tl.float32)
-            z = tl.dot(hq, tl.trans(g), input_precision=MPREC) + cc[None, :]
-            if SIGMOID:
-                mk = 2.0 * tl.sigmoid(z)
-            else:
-                mk = z
-            if MUL:
-                t = s * mk
-            elif SIGMOID:
-                t = s + (mk - 1.0)
-            else:
-                t = s + mk
+            z, g = _mask_tile(hq, g_base, c_base, offs_n, col_ok, offs_r, r_ok, stride_gn, stride_cn, MPREC)
+            t, mk = _combine(s, z, MUL, SIGMOID)
         else:
             t = s
         keep = tl.load(kv_base + offs_n, mask=col_ok, other=0) != 0
@@ -300,16 +296,7 @@ def _lam_bwd_dq_kernel(
         dp = tl.dot(do, vT, input_precision=PREC)
         dt = p * (dp - delta[:, None])
         if HAS_MASK:
-            if MUL:
-                ds = dt * mk
-                dm = dt * s
-            else:
-                ds = dt
-                dm = dt
-            if SIGMOID:
-                dz = dm * (mk * (1.0 - 0.5 * mk))
-            else:
-                dz = dm
+            ds, dz = _combine_grads(dt, s, mk, MUL, SIGMOID)
             dh += tl.dot(dz.to(Gk.dtype.element_ty), g, input_precision=MPREC)
         else:
             ds = dt
@@ -325,7 +312,11 @@ def _lam_bwd_dq_kernel(
 
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool):
-    """Jit the kernels (once per interpreter mode; TRITON_INTERPRET is read by triton.jit)."""
+    """Jit the kernels, once per mode (TRITON_INTERPRET is read by triton.jit).
+
+    Each mode gets its own copy of the kernel functions over a namespace holding that mode's jitted
+    helpers, so interpreted (CPU tensors) and compiled (GPU) kernels can live in one process.
+    """
     global tl
     import triton
     import triton.language
@@ -334,11 +325,14 @@ def _kernels(interpret: bool):
     prev = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:
-        return (
-            triton.jit(_lam_fwd_kernel),
-            triton.jit(_lam_bwd_dkdv_kernel),
-            triton.jit(_lam_bwd_dq_kernel),
-        )
+        namespace = dict(globals())
+
+        def jit(fn):
+            return triton.jit(types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__))
+
+        for helper in (_mask_tile, _combine, _combine_grads):
+            namespace[helper.__name__] = jit(helper)
+        return jit(_lam_fwd_kernel), jit(_lam_bwd_dkdv_kernel), jit(_lam_bwd_dq_kernel)
     finally:
         if prev is None:
             os.environ.pop("TRITON_INTERPRET", None)
