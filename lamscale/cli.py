@@ -69,7 +69,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         lengths = _ints(args.lengths) if args.lengths else ([8192, 36000] if device == "cuda" else [2048])
         gpu = device == "cuda"
         results = bench_encoder(lengths, variants, device, args.dim or (768 if gpu else 128), args.layers or (12 if gpu else 2),
-                                args.heads or (12 if gpu else 4), args.block, args.dtype or ("bfloat16" if gpu else "float32"), args.repeats)
+                                args.heads or (12 if gpu else 4), args.block, args.dtype or ("bfloat16" if gpu else "float32"), args.repeats,
+                                args.paired_rounds)
     print(results["table"])
     out = args.out or f"docs/bench/{args.what}_{device}"
     print("wrote " + ", ".join(write(results, out)))
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["attention", "encoder", "data"])
     b.add_argument("--device", choices=["cpu", "cuda"], default="")
     b.add_argument("--lengths", default="", help="comma-separated N values")
+    b.add_argument("--paired-rounds", type=int, default=8,
+                   help="encoder: steps per case when timing each variant interleaved with vanilla-sdpa (0: skip)")
     b.add_argument("--cases", default="", help="comma-separated cases (attention) or variants (encoder)")
     b.add_argument("--heads", type=int, default=0)
     b.add_argument("--head-dim", type=int, default=0)

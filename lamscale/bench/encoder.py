@@ -66,7 +66,7 @@ def _add_paired_ratios(rows: list[dict], build: Callable[[int, str], Case], devi
 
 
 def bench_encoder(lengths: list[int], variants: list[str], device: str, dim: int, layers: int, heads: int,
-                  block: int, dtype: str, repeats: int) -> dict:
+                  block: int, dtype: str, repeats: int, paired_rounds: int = 8) -> dict:
     def build(n: int, variant: str) -> Case:
         return functools.partial(encoder_case, variant, n, dim, layers, heads, block, dtype, device)
 
@@ -78,7 +78,8 @@ def bench_encoder(lengths: list[int], variants: list[str], device: str, dim: int
         base = baseline_at(rows, row["N"], "vanilla-sdpa")
         if base and "ms" in row:
             row["x_vanilla_tokens_per_s"] = row["tokens_per_s"] / base["tokens_per_s"]
-    _add_paired_ratios(rows, build, device, max(repeats, 8))
+    if paired_rounds > 0:
+        _add_paired_ratios(rows, build, device, paired_rounds)
     settings = {"dim": dim, "layers": layers, "heads": heads, "block": block, "dtype": dtype, "batch": 1,
                 "checkpointing": True, "lam": {"rank": 16, "key": "token", "heads": "shared", "bound": "none"},
                 "variants (lam.layers, lam.combine, backend)": {v: VARIANTS[v] for v in variants}}
