@@ -19,7 +19,7 @@ train: $(STAMP)
 	$(VENV)/bin/lamscale train configs/tiny.yaml $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q --durations=15 tests $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
