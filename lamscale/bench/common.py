@@ -101,11 +101,11 @@ def _child(build: Case, device: str, warmup: int, repeats: int, threads: int, qu
         queue.put({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}", "trace": traceback.format_exc()[-800:]})
 
 
-def measure(build: Case, device: str, warmup: int = 1, repeats: int = 3, threads: int = 0, timeout: float = 900) -> dict:
-    """Run `build` in a fresh process; returns {"ms", "peak_mib"} or {"error"}."""
+def _in_fresh_process(target: Callable, args: tuple, device: str, timeout: float) -> dict:
+    """Run target(*args, queue) in a new process and return what it put on the queue, or {"error"}."""
     ctx = mp.get_context("spawn" if device == "cuda" else "fork")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(build, device, warmup, repeats, threads or torch.get_num_threads(), queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     proc.join(timeout)
     if proc.is_alive():
@@ -114,6 +114,11 @@ def measure(build: Case, device: str, warmup: int = 1, repeats: int = 3, threads
     if queue.empty():
         return {"error": "out of memory (killed)" if proc.exitcode and proc.exitcode < 0 else f"exit {proc.exitcode}"}
     return queue.get()
+
+
+def measure(build: Case, device: str, warmup: int = 1, repeats: int = 3, threads: int = 0, timeout: float = 900) -> dict:
+    """Run `build` in a fresh process; returns {"ms", "peak_mib"} or {"error"}."""
+    return _in_fresh_process(_child, (build, device, warmup, repeats, threads or torch.get_num_threads()), device, timeout)
 
 
 def _paired_child(builds: list[Case], device: str, warmup: int, rounds: int, threads: int, queue) -> None:
@@ -143,17 +148,8 @@ def measure_paired(builds: list[Case], device: str, warmup: int = 1, rounds: int
     On a shared or throttled machine, separate runs drift by ±15 %; interleaved steps see the same
     machine, so their ratio is the number to compare cases by.
     """
-    ctx = mp.get_context("spawn" if device == "cuda" else "fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_paired_child, args=(builds, device, warmup, rounds, threads or torch.get_num_threads(), queue))
-    proc.start()
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        return {"error": f"timed out after {timeout:.0f}s"}
-    if queue.empty():
-        return {"error": f"exit {proc.exitcode}"}
-    return queue.get()
+    return _in_fresh_process(_paired_child, (builds, device, warmup, rounds, threads or torch.get_num_threads()),
+                             device, timeout)
 
 
 def environment(device: str) -> dict:
