@@ -117,9 +117,9 @@ def select_backend(device: torch.device, combine: str, bound: str, n: int) -> st
             return "triton"
     if n <= 1024:
         return "dense"
-    from lamscale.model.cpu_lam import compiler_available
+    from lamscale.model.cpu_lam import kernel_available
 
-    return "cpp" if device.type == "cpu" and compiler_available() else "chunked"
+    return "cpp" if device.type == "cpu" and kernel_available() else "chunked"
 
 
 def _factors(mask: Optional[LowRankMask]) -> tuple:

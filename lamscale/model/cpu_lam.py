@@ -43,6 +43,19 @@ def load_kernel() -> None:
                            "use backend chunked, or auto") from e
 
 
+@functools.lru_cache(maxsize=None)
+def kernel_available() -> bool:
+    """Whether the kernel builds and loads here: it needs a C++ compiler and a torch whose BLAS exports
+    sgemm_ (x86 wheels, MKL). `backend: auto` falls back to `chunked` when it does not."""
+    if not compiler_available():
+        return False
+    try:
+        load_kernel()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _blocks(requested: int) -> tuple[int, int]:
     """(query rows, keys) per tile: at most 128 × 512 floats (256 KiB), which stays in a core's cache at
     any N; measured best at N = 2048 among 32..256 × 256..1024. A smaller lam.block shrinks both."""

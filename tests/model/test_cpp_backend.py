@@ -127,3 +127,17 @@ def test_strided_qkv_views_equal_contiguous_inputs() -> None:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
     # out is laid out (B, N, H, d), so the encoder's transpose(1, 2).reshape is a view, not a copy
     assert results[0][0].transpose(1, 2).is_contiguous()
+
+
+def test_auto_falls_back_to_chunked_when_the_kernel_cannot_load(monkeypatch) -> None:
+    from lamscale.model import cpu_lam
+
+    def broken() -> None:
+        raise RuntimeError("model.lam.backend=cpp: building the C++ kernel failed (no sgemm_)")
+
+    monkeypatch.setattr(cpu_lam, "load_kernel", broken)
+    cpu_lam.kernel_available.cache_clear()
+    try:
+        assert select_backend(torch.device("cpu"), "mul", "none", 2048) == "chunked"
+    finally:
+        cpu_lam.kernel_available.cache_clear()
