@@ -1,6 +1,7 @@
 """DeepSpeed engine from the run config: ZeRO stage, precision, clipping, accumulation, AdamW, warmup-cosine."""
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -38,8 +39,9 @@ def _quiet_cpu_deepspeed() -> None:
     # On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op at its first start (~75 s); gloo
     # collectives are all we need for CPU workers, so skip that build.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed.comm.torch as ds_torch_comm
-
+    # importlib, not `import deepspeed.comm.torch as m`: that form resolves the attribute
+    # deepspeed.comm.torch, which is the torch package itself (deepspeed.comm imports torch).
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     ds_torch_comm.build_shm_op = lambda: None
 
 
