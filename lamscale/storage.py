@@ -43,6 +43,9 @@ def fs_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(url)
 
 
+PREFLIGHT_BUDGET_S = 5.0  # checks before any worker starts: bad input should fail in seconds, not minutes
+
+
 def retry_budget_s() -> float:
     """How long a storage call keeps retrying before the run gives up (LAMSCALE_STORAGE_RETRY_S)."""
     return float(os.environ.get("LAMSCALE_STORAGE_RETRY_S", "120"))

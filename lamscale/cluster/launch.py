@@ -41,7 +41,7 @@ def _check_feature_dims(cfg: Config) -> None:
     """Compare the model's input dims with the shards' manifest.json, when there is one."""
     first = expand_urls(cfg.data.train)[0]
     manifest_url = storage.join(first.rsplit("/", 1)[0], "manifest.json")
-    if not storage.exists(manifest_url):
+    if not storage.exists(manifest_url, storage.PREFLIGHT_BUDGET_S):
         return
     dims = json.loads(storage.read_bytes(manifest_url)).get("feature_dims", {})
     for kind, key in (("video", "model.video_dim"), ("text", "model.text_dim")):

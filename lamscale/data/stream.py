@@ -39,7 +39,7 @@ def check_shards(pattern: str, key: str) -> list[str]:
         if is_pipe(url):
             continue
         try:
-            found = storage.exists(url)
+            found = storage.exists(url, storage.PREFLIGHT_BUDGET_S)
         except Exception as e:  # unreachable endpoint, bad credentials…
             raise storage.StorageError(f"{key}: cannot reach shard {url}: {type(e).__name__}: {e}") from None
         if not found:

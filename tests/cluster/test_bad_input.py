@@ -9,7 +9,7 @@ from conftest import lamscale_env
 
 def run_cli(repo_root, *args, env=None):
     return subprocess.run([sys.executable, "-m", "lamscale", *args], cwd=repo_root, env=lamscale_env(env),
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=90)  # well under the 120 s run retry budget
 
 
 @pytest.mark.parametrize("overrides, named", [
