@@ -107,16 +107,15 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, mask: Optional[Low
 
 
 def select_backend(device: torch.device, combine: str, bound: str, n: int) -> str:
-    """The fastest exact backend for this device, LAM mode and length (`backend: auto`)."""
+    """The fused exact backend for this device and LAM mode (`backend: auto`): additive LAM without a
+    bound is plain SDPA (flash on GPU); otherwise the Triton kernel on CUDA and the C++ kernel on CPU,
+    falling back to `chunked` where those cannot run. `n` is kept for length-dependent choices."""
     if combine == "add" and bound == "none":
         return "sdpa"  # one fused call on any device
     if device.type == "cuda":
         from lamscale.model.triton_lam import triton_available
 
-        if triton_available():
-            return "triton"
-    if n <= 1024:
-        return "dense"
+        return "triton" if triton_available() else "chunked"
     from lamscale.model.cpu_lam import kernel_available
 
     return "cpp" if device.type == "cpu" and kernel_available() else "chunked"
@@ -187,10 +186,10 @@ class Attention(nn.Module):
         # A None attribute is not a registered module: vanilla state dicts have no generator keys.
         self.mask_gen = MaskGenerator(dim, num_heads, lam) if use_lam else None
 
-    def forward(self, x: Tensor, key_valid: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, key_valid: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        mask = self.mask_gen.mask(x) if self.mask_gen is not None else None
+        mask = self.mask_gen.mask(x, positions) if self.mask_gen is not None else None
         out = attention(q, k, v, mask, key_valid, combine=self.combine, backend=self.backend, block=self.block)
         return self.drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))
 

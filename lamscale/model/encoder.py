@@ -3,11 +3,14 @@
     [video clips | text tokens] → per-modality LayerNorm+Linear → + modality type + time/position
     → dropout → L pre-LN blocks (x + Attn(LN x); x + FFN(LN x)) → LayerNorm → video token states
 
-Video comes first, so clip i sits at sequence position i (and at key position i for key=position).
+Video comes first, so clip i sits at sequence position i; with key=position the LAM key table is indexed
+per modality (clip t → t, text token j → max_clips + j), so padding never moves a key.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from contextlib import contextmanager
+from functools import partial
+from typing import Iterator, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lamscale.config import LAMConfig, ModelConfig
 from lamscale.model.attention import Attention
-from lamscale.model.lam import MaskGenerator
+from lamscale.model.lam import LowRankMask, MaskGenerator, check_key_positions
 
 
 def lam_layer_indices(spec: Union[str, Sequence[int]], num_layers: int) -> list[int]:
@@ -49,8 +52,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, ffn_mult, dropout)
 
-    def forward(self, x: Tensor, key_valid: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x), key_valid)
+    def forward(self, x: Tensor, key_valid: Tensor, positions: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), key_valid, positions)
         return x + self.ffn(self.norm2(x))
 
 
@@ -64,6 +67,7 @@ class Encoder(nn.Module):
         self.max_text = cfg.max_text
         self.checkpointing = cfg.checkpointing
         self.lam_layers = lam_layer_indices(cfg.lam.layers, cfg.layers)
+        self.lam_key, self.lam_max_len = cfg.lam.key, cfg.lam.max_len
 
         self.video_proj = nn.Sequential(nn.LayerNorm(cfg.video_dim), nn.Linear(cfg.video_dim, cfg.dim))
         self.text_proj = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, cfg.dim))
@@ -76,6 +80,7 @@ class Encoder(nn.Module):
             for i in range(cfg.layers)
         )
         self.norm = nn.LayerNorm(cfg.dim)
+        self._capture: _MaskCapture | None = None  # set inside capture_masks()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -90,64 +95,88 @@ class Encoder(nn.Module):
         for gen in self.mask_generators():
             gen.reset_parameters()
 
+    def no_weight_decay(self) -> set[str]:
+        return {"type_embed", "video_pos", "text_pos"}
+
     def mask_generators(self) -> list[MaskGenerator]:
         """One generator per LAM layer, in layer order."""
         return [blk.attn.mask_gen for blk in self.blocks if blk.attn.mask_gen is not None]
 
-    def _embed(self, video: Tensor, video_valid: Tensor, text: Tensor, text_valid: Tensor) -> tuple[Tensor, Tensor]:
+    def _embed(self, video: Tensor, video_valid: Tensor, text: Tensor, text_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(tokens, valid, key positions). A token's position depends only on its place in its own
+        modality — clip t is t, text token j is max_clips + j — never on how the batch was padded."""
         T, L = video.shape[1], text.shape[1]
         if T > self.max_clips:
             raise ValueError(f"video has {T} clips, more than model.max_clips={self.max_clips}")
         if L > self.max_text:
             raise ValueError(f"text has {L} tokens, more than model.max_text={self.max_text}")
+        if self.lam_layers and self.lam_key == "position":
+            check_key_positions(self.max_clips + L if L else T, self.lam_max_len)
         dtype = self.video_pos.dtype  # features arrive as float16 from the shards
         v = self.video_proj(video.to(dtype)) + self.video_pos[:T] + self.type_embed[0]
         t = self.text_proj(text.to(dtype)) + self.text_pos[:L] + self.type_embed[1]
         x = self.drop(torch.cat([v, t], dim=1))
         valid = torch.cat([video_valid, text_valid], dim=1).bool()
-        return x, valid
+        positions = torch.cat([torch.arange(T), self.max_clips + torch.arange(L)]).to(x.device)
+        return x, valid, positions
 
     def forward(self, video: Tensor, video_valid: Tensor, text: Tensor, text_valid: Tensor) -> Tensor:
-        x, valid = self._embed(video, video_valid, text, text_valid)
+        x, valid, positions = self._embed(video, video_valid, text, text_valid)
+        if self._capture is not None:
+            self._capture.select(valid)
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = checkpoint(blk, x, valid, use_reentrant=False) if recompute else blk(x, valid)
+            x = checkpoint(blk, x, valid, positions, use_reentrant=False) if recompute else blk(x, valid, positions)
         return self.norm(x)[:, : video.shape[1]]
 
-    @torch.no_grad()
-    def mask_maps(
-        self,
-        video: Tensor,
-        video_valid: Tensor,
-        text: Tensor,
-        text_valid: Tensor,
-        sample: int = 0,
-        max_tokens: Optional[int] = None,
-    ) -> list[tuple[int, Tensor]]:
-        """[(layer, M)] for each LAM layer: sample `sample`'s mask (Hm, n, n) over its n valid tokens.
+    @contextmanager
+    def capture_masks(self, sample: int = 0, max_tokens: int = 512) -> Iterator[list[tuple[int, Tensor]]]:
+        """Inside the block, forwards record [(layer, M)]: sample `sample`'s mask (Hm, n, n) over its
+        valid tokens (clips first, then text), evenly subsampled to at most `max_tokens` (a movie's
+        36k×36k map would not fit). The masks come from the model's own forward, so they are right
+        under ZeRO-3, whose parameters exist only inside the engine's forward. float32, on the CPU."""
+        maps: list[tuple[int, Tensor]] = []
+        self._capture = _MaskCapture(sample, max_tokens)
+        hooks = [blk.attn.mask_gen.register_forward_hook(partial(self._capture.keep, maps, i))
+                 for i, blk in enumerate(self.blocks) if blk.attn.mask_gen is not None]
+        try:
+            yield maps
+        finally:
+            self._capture = None
+            for hook in hooks:
+                hook.remove()
 
-        Valid video clips come first, then valid text tokens. Computed in eval mode without grad;
-        returned as float32 on the CPU. `max_tokens` evenly subsamples longer sequences (movies),
-        since the map is O(n²).
-        """
+    @torch.no_grad()
+    def mask_maps(self, video: Tensor, video_valid: Tensor, text: Tensor, text_valid: Tensor, sample: int = 0,
+                  max_tokens: int = 512) -> list[tuple[int, Tensor]]:
+        """`capture_masks` over one eval-mode forward of the batch (training mode is restored)."""
         if not -video.shape[0] <= sample < video.shape[0]:
             raise IndexError(f"sample {sample} out of range for batch of {video.shape[0]}")
-        sample %= video.shape[0]
-        one = slice(sample, sample + 1)
         was_training = self.training
         self.eval()
         try:
-            x, valid = self._embed(video[one], video_valid[one], text[one], text_valid[one])
-            index = valid[0].nonzero().squeeze(1)
-            if max_tokens is not None and index.numel() > max_tokens:
-                pick = torch.linspace(0, index.numel() - 1, max_tokens, device=index.device).round().long()
-                index = index[pick]
-            maps = []
-            for i, blk in enumerate(self.blocks[: max(self.lam_layers, default=-1) + 1]):
-                if blk.attn.mask_gen is not None:
-                    mask = blk.attn.mask_gen.mask(blk.norm1(x))  # the layer's own attention input
-                    maps.append((i, mask.select(0, index).dense()[0].float().cpu()))
-                x = blk(x, valid)
+            with self.capture_masks(sample % video.shape[0], max_tokens) as maps:
+                self(video, video_valid, text, text_valid)
         finally:
             self.train(was_training)
         return maps
+
+
+class _MaskCapture:
+    """The token subset one mask image shows, and the forward hook that draws it."""
+
+    def __init__(self, sample: int, max_tokens: int):
+        self.sample, self.max_tokens, self.index = sample, max_tokens, None
+
+    def select(self, valid: Tensor) -> None:
+        index = valid[self.sample].nonzero().squeeze(1)
+        if index.numel() > self.max_tokens:
+            index = index[torch.linspace(0, index.numel() - 1, self.max_tokens, device=index.device).round().long()]
+        self.index = index
+
+    def keep(self, maps: list, layer: int, module: MaskGenerator, inputs: tuple, factors: tuple) -> None:
+        if self.index is None or any(layer == kept for kept, _ in maps):  # the first forward only
+            return
+        h, g, c = factors
+        mask = LowRankMask(h.detach(), g.detach(), c.detach(), module.bound).select(self.sample, self.index)
+        maps.append((layer, mask.dense()[0].float().cpu()))

@@ -8,6 +8,7 @@ attention backends can build it tile by tile and never hold an N×N tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +72,13 @@ def identity_value(combine: str, bound: str) -> float:
     return 1.0 if (combine == "mul" and bound == "none") else 0.0
 
 
+def check_key_positions(last: int, max_len: int) -> None:
+    """Key positions 0..last-1 must fit the key=position table (checked with Python ints: no GPU sync)."""
+    if last > max_len:
+        raise ValueError(f"LAM key=position: key position {last - 1} is outside lam.max_len={max_len}; "
+                         "raise model.lam.max_len or use model.lam.key=token")
+
+
 class MaskGenerator(nn.Module):
     """Generates one layer's LowRankMask from that layer's input x (B, N, D)."""
 
@@ -131,27 +139,33 @@ class MaskGenerator(nn.Module):
                 bias[:, : self.rank] = 0.0
                 bias[:, self.rank] = self.init_value
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         """The factors (h, g, c) as plain tensors: ZeRO-3's hooks only see tensors in a module's output,
-        and they must see these to gather the key table again before its backward."""
+        and they must see these to gather the key table again before its backward.
+
+        `positions` (N,) index the key table for key=position (default 0..N-1): the encoder gives each
+        modality its own range, so a token's key does not depend on the batch's padding."""
         B, N, _ = x.shape
         hm, r = self.mask_heads, self.rank
         h = self.query_mlp(x).view(B, N, hm, r).transpose(1, 2)  # (B, Hm, N, r)
         if self.key == "position":
-            if N > self.max_len:
-                raise ValueError(
-                    f"LAM key=position: sequence length {N} exceeds lam.max_len={self.max_len}; "
-                    "raise model.lam.max_len or use model.lam.key=token"
-                )
-            g = self.key_weight[:, :N].unsqueeze(0)  # (1, Hm, N, r)
-            c = self.key_bias[:, :N].unsqueeze(0)  # (1, Hm, N)
+            if positions is None:
+                check_key_positions(N, self.max_len)
+                g, c = self.key_weight[:, :N], self.key_bias[:, :N]
+            else:
+                g, c = self.key_weight[:, positions], self.key_bias[:, positions]
+            g, c = g.unsqueeze(0), c.unsqueeze(0)  # (1, Hm, N, r), (1, Hm, N)
         else:
             gc = self.key_mlp(x).view(B, N, hm, r + 1).transpose(1, 2)  # (B, Hm, N, r+1)
             g, c = gc[..., :r], gc[..., r]
         return h, g, c
 
-    def mask(self, x: Tensor) -> LowRankMask:
-        h, g, c = self(x)
+    def no_weight_decay(self) -> set[str]:
+        """The key table is the mask itself (M = h·g + c): decay would pull c from its identity value."""
+        return {"key_weight", "key_bias"} if self.key == "position" else set()
+
+    def mask(self, x: Tensor, positions: Optional[Tensor] = None) -> LowRankMask:
+        h, g, c = self(x, positions)
         return LowRankMask(h=h, g=g, c=c, bound=self.bound)
 
     def extra_repr(self) -> str:

@@ -45,17 +45,26 @@ def _quiet_cpu_deepspeed() -> None:
     ds_torch_comm.build_shm_op = lambda: None
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay; biases, norms and every parameter a module lists in its
+    `no_weight_decay()` (embedding and position tables, the LAM key tables, as timm does) do not —
+    decay would pull an identity-initialised mask (M ≡ 1) away from identity with no gradient at all."""
+    exempt = {f"{prefix}.{name}" if prefix else name
+              for prefix, module in model.named_modules() if hasattr(module, "no_weight_decay")
+              for name in module.no_weight_decay()}
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if p.ndim >= 2 and n not in exempt]
+    rest = [p for n, p in named if not (p.ndim >= 2 and n not in exempt)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, use_gpu: bool):
     if not use_gpu:
         _quiet_cpu_deepspeed()
     import deepspeed
 
     t = cfg.train
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     )

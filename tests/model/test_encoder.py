@@ -159,13 +159,28 @@ def test_mask_maps() -> None:
     (_, m0), _ = model.mask_maps(*batch, sample=1)
     model.eval()
     with torch.no_grad():
-        x, valid = model._embed(*batch)
-        full = gen.mask(model.blocks[0].norm1(x)).dense()[1]
+        x, valid, positions = model._embed(*batch)
+        full = gen.mask(model.blocks[0].norm1(x), positions).dense()[1]
     idx = valid[1].nonzero().squeeze(1)
     torch.testing.assert_close(m0, full[:, idx][:, :, idx])
     # long sequences can be subsampled for the image
     (_, small), _ = model.mask_maps(*batch, sample=1, max_tokens=5)
     assert small.shape == (2, 5, 5)
+
+
+def test_mask_maps_inside_a_forward_draw_at_most_max_tokens() -> None:
+    """capture_masks records the masks of a normal forward (as the trainer's eval does under ZeRO-3),
+    one per LAM layer from the first forward only, never bigger than max_tokens², here a 600-clip movie."""
+    cfg = dataclasses.replace(_cfg(layers=[1]), max_clips=600)
+    cfg.lam.max_len, cfg.lam.key = 604, "token"
+    model = Encoder(cfg).eval()
+    video = torch.randn(1, 600, 6)
+    batch = (video, torch.ones(1, 600, dtype=torch.bool), torch.randn(1, 4, 5), torch.ones(1, 4, dtype=torch.bool))
+    with torch.no_grad(), model.capture_masks(max_tokens=64) as maps:
+        model(*batch)
+        model(*batch)
+    assert [(layer, m.shape) for layer, m in maps] == [(1, (1, 64, 64))]
+    assert model._capture is None and not model.blocks[1].attn.mask_gen._forward_hooks
 
 
 def test_mask_maps_vanilla_is_empty() -> None:
@@ -181,3 +196,37 @@ def test_too_long_inputs_raise() -> None:
         Encoder(dataclasses.replace(_cfg(), max_clips=9))(
             torch.randn(B, 9, 6), torch.ones(B, 9, dtype=torch.bool), text, text_valid
         )
+
+
+def _padded(video: torch.Tensor, text: torch.Tensor, clips: int, tokens: int) -> tuple[torch.Tensor, ...]:
+    """One sample padded to `clips` clips and `tokens` text tokens (zeros, marked invalid)."""
+    v = torch.zeros(1, clips, video.shape[1], dtype=video.dtype)
+    t = torch.zeros(1, tokens, text.shape[1], dtype=text.dtype)
+    v[0, : len(video)], t[0, : len(text)] = video, text
+    vv, tv = torch.zeros(1, clips, dtype=torch.bool), torch.zeros(1, tokens, dtype=torch.bool)
+    vv[0, : len(video)], tv[0, : len(text)] = True, True
+    return v, vv, t, tv
+
+
+@pytest.mark.parametrize("key", ["position", "token"])
+@pytest.mark.parametrize("backend,combine", [("dense", "mul"), ("chunked", "mul"), ("cpp", "mul"),
+                                             ("dense", "add"), ("sdpa", "add")])
+def test_outputs_do_not_depend_on_padding(backend: str, combine: str, key: str) -> None:
+    """A sample alone, padded to the model's maxima, and batched with a longer sample: the same
+    outputs (float64). Before per-modality key positions, the text keys of key=position moved with
+    the video's padding."""
+    torch.manual_seed(3)
+    model = Encoder(_cfg(backend=backend, combine=combine, key=key, heads="per_head")).double().eval()
+    for gen in _generators(model):  # move the masks off identity so that keys matter
+        for p in gen.parameters():
+            p.data.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(1)
+    video, text = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)
+    longer_video, longer_text = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        alone = model(*_padded(video, text, 5, 2))[0]
+        padded = model(*_padded(video, text, 8, 4))[0, :5]
+        pair = [_padded(video, text, 8, 4), _padded(longer_video, longer_text, 8, 4)]
+        batched = model(*[torch.cat(parts) for parts in zip(*pair)])[0, :5]
+    torch.testing.assert_close(padded, alone, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(batched, alone, rtol=1e-10, atol=1e-12)

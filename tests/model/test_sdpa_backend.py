@@ -53,11 +53,22 @@ def test_auto_picks_an_exact_backend():
     cpu = torch.device("cpu")
     assert select_backend(cpu, "add", "none", 4096) == "sdpa"
     assert select_backend(cpu, "mul", "none", 4096) == "cpp"  # this machine has a C++ compiler
-    assert select_backend(cpu, "mul", "sigmoid", 128) == "dense"
+    assert select_backend(cpu, "mul", "sigmoid", 128) == "cpp"  # the fused kernel at any length
     q, k, v, h, g, c, valid = _inputs(40, 1, 1)
     mask = LowRankMask(h, g, c, "sigmoid")
     torch.testing.assert_close(attention(q, k, v, mask, valid, combine="mul", backend="auto"),
                                attention(q, k, v, mask, valid, combine="mul", backend="dense"))
+
+
+@pytest.mark.parametrize("triton_ok, expected", [(True, "triton"), (False, "chunked")])
+def test_auto_on_cuda_picks_triton_for_mul(monkeypatch, triton_ok, expected):
+    import lamscale.model.triton_lam as triton_lam
+
+    monkeypatch.setattr(triton_lam, "triton_available", lambda: triton_ok)
+    cuda = torch.device("cuda", 0)
+    assert select_backend(cuda, "mul", "none", 32768) == expected
+    assert select_backend(cuda, "add", "sigmoid", 4096) == expected  # a bound cannot ride in SDPA's q/k
+    assert select_backend(cuda, "add", "none", 32768) == "sdpa"
 
 
 @pytest.mark.parametrize("backend, combine", [("dense", "mul"), ("chunked", "mul"), ("chunked", "add"), ("sdpa", "add")])

@@ -189,3 +189,23 @@ def test_never_allocates_an_n_by_n_tensor() -> None:
     assert biggest[1] < n * n, biggest
     assert biggest[1] <= 4 * heads * n * d, biggest  # O(N·d)
     assert all(t.grad is not None for t in (q, k, v, h, g, c))
+
+
+@pytest.mark.parametrize("key", ["position", "token"])
+def test_encoder_outputs_do_not_depend_on_padding(key):
+    """test_encoder's padding test for the triton backend (float32: the interpreter's precision)."""
+    from test_encoder import _cfg, _generators, _padded
+    from lamscale.model import Encoder
+
+    torch.manual_seed(3)
+    model = Encoder(_cfg(backend="triton", combine="mul", key=key, heads="per_head")).eval()
+    for gen in _generators(model):
+        for p in gen.parameters():
+            p.data.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(1)
+    video, text = torch.randn(5, 6, generator=g), torch.randn(2, 5, generator=g)
+    with torch.no_grad():
+        alone = model(*_padded(video, text, 5, 2))[0]
+        pair = [_padded(video, text, 8, 4), _padded(torch.randn(8, 6, generator=g), torch.randn(4, 5, generator=g), 8, 4)]
+        batched = model(*[torch.cat(parts) for parts in zip(*pair)])[0, :5]
+    torch.testing.assert_close(batched, alone, **VALUE_TOL)
