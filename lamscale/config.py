@@ -6,6 +6,8 @@ value of the wrong type or outside its choices raises `ConfigError` with one lin
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import types
 import typing
@@ -66,6 +68,7 @@ class DataConfig:
     window: int = 0  # > 0: train on random windows of this many clips holding a target moment (eval: full length)
     read_retry_s: float = 120.0  # a remote shard read retries with backoff this long before failing
     read_block_kib: int = 8192  # bytes per remote range request
+    truncate: bool = False  # a sample longer than model.max_clips/max_text: error naming it (false), or cut and count it
 
 
 @dataclass
@@ -129,6 +132,24 @@ class Config:
 
 # --- loading -----------------------------------------------------------------------------------
 
+_FLOAT_TEXT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.?(?:inf|nan)$", re.I)
+
+
+class _OverrideLoader(yaml.SafeLoader):
+    """YAML for one `key=value` override, where only plain decimals are integers: YAML 1.1 reads
+    0x10, 010, 0b11, 1_000 and 1:30 as 16, 8, 3, 1000 and 90, which a command line never means."""
+
+
+_OverrideLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_OverrideLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
+                                      list("-+0123456789"))
+_OverrideLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(?=[eE]))(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"
+               r"|^\.(?:nan|NaN|NAN)$"), list("-+0123456789."))
+
 
 def _check_value(key: str, value: Any, hint: Any) -> Any:
     """Return `value` coerced to `hint`, or raise ConfigError naming `key`."""
@@ -157,16 +178,18 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected a decimal integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):  # YAML 1.1 reads "3e-4" as a string
+            number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # a nan lr or an inf rate only fails deep inside the workers
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -174,7 +197,9 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported config type {hint} for {key}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _build(cls: type, data: Any, prefix: str, raw: dict[str, str] | None = None) -> Any:
+    """`data` as dataclass `cls`; `raw` maps overridden keys to their text (a string key keeps it as typed)."""
+    raw = raw or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -186,17 +211,23 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown key '{full}' (known under '{prefix or '<top>'}': {', '.join(names)})")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, full)
+            kwargs[key] = _build(hint, value, full, raw)
+        elif hint is str and full in raw:  # run.name=2024 is a name, not a number
+            kwargs[key] = raw[full]
         else:
             kwargs[key] = _check_value(full, value, hint)
     return cls(**kwargs)
 
 
-def _apply_override(tree: dict, item: str) -> None:
+def _apply_override(tree: dict, item: str, raw_values: dict[str, str]) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=100")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.load(raw, Loader=_OverrideLoader) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: not a valid value ({str(e).splitlines()[0]})") from None
+    raw_values[key.strip()] = raw
     node = tree
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -206,20 +237,40 @@ def _apply_override(tree: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
+def _check_ranges(checks: dict[str, tuple[Any, str]]) -> None:
+    """`checks`: key -> (value, range) with range one of '>0', '>=0', '>=-1', '[0,1]', '[0,1)', '(0,1]'."""
+    tests = {">0": lambda v: v > 0, ">=0": lambda v: v >= 0, ">=-1": lambda v: v >= -1,
+             "[0,1]": lambda v: 0 <= v <= 1, "[0,1)": lambda v: 0 <= v < 1, "(0,1]": lambda v: 0 < v <= 1}
+    words = {">0": "a positive value", ">=0": "0 or more", ">=-1": "-1 (unlimited) or more",
+             "[0,1]": "a value in [0, 1]", "[0,1)": "a value in [0, 1)", "(0,1]": "a value in (0, 1]"}
+    for key, (value, rng) in checks.items():
+        if not tests[rng](value):
+            raise ConfigError(f"{key}: expected {words[rng]}, got {value}")
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
-    m, lam, t = cfg.model, cfg.model.lam, cfg.train
-    positive = {
-        "model.dim": m.dim, "model.layers": m.layers, "model.heads": m.heads, "model.video_dim": m.video_dim,
-        "model.text_dim": m.text_dim, "model.max_clips": m.max_clips, "model.max_text": m.max_text,
-        "model.lam.rank": lam.rank, "model.lam.hidden": lam.hidden, "model.lam.block": lam.block,
-        "data.batch_size": cfg.data.batch_size, "train.max_steps": t.max_steps, "train.grad_accum": t.grad_accum,
-        "train.log_every": t.log_every, "train.eval_every": t.eval_every, "train.ckpt_every": t.ckpt_every,
-        "train.keep_last": t.keep_last, "cluster.num_workers": cfg.cluster.num_workers,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: expected a positive value, got {value}")
+    """Value ranges and cross-field checks that types alone cannot express."""
+    m, lam, t, c, task = cfg.model, cfg.model.lam, cfg.train, cfg.cluster, cfg.task
+    _validate_name(cfg.run.name)
+    _check_ranges({
+        "model.dim": (m.dim, ">0"), "model.layers": (m.layers, ">0"), "model.heads": (m.heads, ">0"),
+        "model.ffn_mult": (m.ffn_mult, ">0"), "model.dropout": (m.dropout, "[0,1)"),
+        "model.video_dim": (m.video_dim, ">0"), "model.text_dim": (m.text_dim, ">0"),
+        "model.max_clips": (m.max_clips, ">0"), "model.max_text": (m.max_text, ">0"),
+        "model.lam.rank": (lam.rank, ">0"), "model.lam.hidden": (lam.hidden, ">0"),
+        "model.lam.max_len": (lam.max_len, ">0"), "model.lam.block": (lam.block, ">0"),
+        "data.batch_size": (cfg.data.batch_size, ">0"), "data.clip_len": (cfg.data.clip_len, ">0"),
+        "task.w_focal": (task.w_focal, ">=0"), "task.w_l1": (task.w_l1, ">=0"), "task.w_giou": (task.w_giou, ">=0"),
+        "task.w_saliency": (task.w_saliency, ">=0"), "task.saliency_margin": (task.saliency_margin, ">=0"),
+        "task.nms_iou": (task.nms_iou, "(0,1]"), "task.max_windows": (task.max_windows, ">0"),
+        "train.max_steps": (t.max_steps, ">0"), "train.lr": (t.lr, ">0"), "train.weight_decay": (t.weight_decay, ">=0"),
+        "train.warmup_steps": (t.warmup_steps, ">=0"), "train.min_lr_ratio": (t.min_lr_ratio, "[0,1]"),
+        "train.grad_clip": (t.grad_clip, ">=0"), "train.grad_accum": (t.grad_accum, ">0"), "train.seed": (t.seed, ">=0"),
+        "train.log_every": (t.log_every, ">0"), "train.eval_every": (t.eval_every, ">0"),
+        "train.ckpt_every": (t.ckpt_every, ">0"), "train.keep_last": (t.keep_last, ">0"),
+        "cluster.num_workers": (c.num_workers, ">0"), "cluster.cpus_per_worker": (c.cpus_per_worker, ">0"),
+        "cluster.max_failures": (c.max_failures, ">=-1"),
+    })
     if m.dim % m.heads:
         raise ConfigError(f"model.dim: {m.dim} is not divisible by model.heads={m.heads}")
     if t.zero_stage not in (0, 1, 2, 3):
@@ -228,12 +279,39 @@ def validate(cfg: Config) -> None:
     if lam.key == "position" and lam.max_len < seq:
         raise ConfigError(f"model.lam.max_len: {lam.max_len} < sequence length {seq} (max_clips + max_text)")
     if isinstance(lam.layers, list):
+        if not lam.layers:  # an empty list silently trained the baseline
+            raise ConfigError("model.lam.layers: [] puts the mask in no layer; write `none` for the baseline "
+                              "without masks, or list layer indices")
         bad = [i for i in lam.layers if not 0 <= i < m.layers]
         if bad:
             raise ConfigError(f"model.lam.layers: layer indices {bad} outside 0..{m.layers - 1}")
-    if not 0 < cfg.task.nms_iou <= 1:
-        raise ConfigError(f"task.nms_iou: expected a value in (0, 1], got {cfg.task.nms_iou}")
+        twice = sorted({i for i in lam.layers if lam.layers.count(i) > 1})
+        if twice:
+            raise ConfigError(f"model.lam.layers: layer index {', '.join(map(str, twice))} listed twice in {lam.layers}")
+    _validate_backend(cfg)
     _validate_data(cfg)
+
+
+def _validate_name(name: str) -> None:
+    """A run name is one folder under run.storage: no path, nothing hidden, nothing `lamscale runs` cannot list."""
+    if (not name or name.startswith(".") or any(ch in name for ch in "/\\") or not name.isprintable()
+            or name != name.strip() or os.path.isabs(name)):
+        raise ConfigError(f"run.name: {name!r} is not a plain folder name (letters, digits, '-', '_', '.'; "
+                          f"no '/', not starting with '.')")
+
+
+def _validate_backend(cfg: Config) -> None:
+    """An attention backend that cannot run on the workers' device fails here, not in every worker."""
+    lam, gpu = cfg.model.lam, cfg.cluster.use_gpu
+    if lam.backend == "cpp" and gpu:
+        raise ConfigError("model.lam.backend: cpp is the CPU kernel, but cluster.use_gpu=true; "
+                          "use triton, chunked or auto on GPUs")
+    if lam.backend == "triton" and not gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("model.lam.backend: triton needs CUDA GPUs (cluster.use_gpu=true); use cpp, chunked "
+                          "or auto on CPUs (or set TRITON_INTERPRET=1 to run the kernels in the interpreter)")
+    if lam.backend == "sdpa" and lam.layers != "none" and (lam.combine != "add" or lam.bound != "none"):
+        raise ConfigError(f"model.lam.backend: sdpa computes combine=add with bound=none only, not "
+                          f"combine={lam.combine} bound={lam.bound}; use auto, chunked, cpp (CPU) or triton (GPU)")
 
 
 def _validate_data(cfg: Config) -> None:
@@ -270,10 +348,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw: dict[str, str] = {}
     for item in overrides:
-        _apply_override(tree, item)
+        _apply_override(tree, item, raw)
     try:
-        cfg = _build(Config, tree, "")
+        cfg = _build(Config, tree, "", raw)
+        if cfg.run.name == "" and "name" in (tree.get("run") or {}):  # `run.name=$UNSET` should not pick a run
+            raise ConfigError("run.name: empty; give a name, or leave run.name out to use the config file's name")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     if not cfg.run.name:
@@ -288,3 +369,31 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def from_dict(data: dict) -> Config:
     """Rebuild a Config from `to_dict()` output (e.g. inside a Ray worker)."""
     return _build(Config, data, "")
+
+
+# Keys a resumed run may change: cadence, the schedule's end, where and how it runs. Everything else
+# (model shape, data layout and order, optimiser, seed, workers) must match the checkpoint it resumes.
+RESUME_MAY_CHANGE = (
+    "run.", "train.max_steps", "train.min_lr_ratio", "train.eval_every", "train.ckpt_every", "train.log_every",
+    "train.keep_last", "train.mask_images", "cluster.address", "cluster.max_failures", "cluster.cpus_per_worker",
+    "cluster.use_gpu", "model.checkpointing", "model.lam.backend", "model.lam.block", "data.val", "data.on_error",
+    "data.allow_pipe", "data.read_retry_s", "data.read_block_kib", "data.truncate",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_changes(stored: dict, cfg: Config) -> list[str]:
+    """`key: old -> new` for each key that differs from the run's stored config and cannot change on resume.
+    Keys the stored config lacks (added since) or no longer known are not compared."""
+    old, new = _flatten(stored), _flatten(cfg.to_dict())
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in new
+            if key in old and old[key] != new[key] and not key.startswith(RESUME_MAY_CHANGE)]
