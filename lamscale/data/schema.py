@@ -5,7 +5,7 @@ Moment retrieval (`MomentSample`, what the trainer reads), one group per query:
     <key>.video.npy  float16 T×Dv clip features
     <key>.text.npy   float16 L×Dt query token features
 Any task (`Sample`, what the builders write): `<key>.json` plus any `<key>.<name>.npy` float16 arrays
-(video, audio, text) and raw files such as `<key>.jpg`.
+(video, audio, text) and raw files such as `<key>.jpg` / `<key>.png` (images keep their own format).
 """
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ def decode(raw: dict) -> MomentSample:
 # --- generic samples (builders for every task): any named float16 arrays + raw file members ------------
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+IMAGE_MEMBER = {"JPEG": "jpg", "PNG": "png"}  # Pillow's format → the member extension an image is stored under
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -83,6 +84,20 @@ class Sample:
 def safe_key(text: str) -> str:
     """A tar-group key WebDataset splits back correctly: no dots (extension separator) or slashes."""
     return _UNSAFE_KEY_CHARS.sub("_", str(text))
+
+
+def members_match(exts: list[str], members: list[str]) -> bool:
+    """Whether a sample's member extensions are the manifest's `members`, where one member may list
+    alternatives as WebDataset's `to_tuple("jpg;png")` does (an image dataset mixing JPEG and PNG)."""
+    options = [set(m.split(";")) for m in members]
+    if len(exts) != len(options):
+        return False
+    for ext in exts:
+        slot = next((o for o in options if ext in o), None)
+        if slot is None:
+            return False
+        options.remove(slot)
+    return True
 
 
 def encode_sample(sample: Sample) -> dict:

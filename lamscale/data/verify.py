@@ -23,7 +23,7 @@ from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
 from lamscale import storage
-from lamscale.data.schema import IMAGE_EXTENSIONS
+from lamscale.data.schema import IMAGE_EXTENSIONS, IMAGE_MEMBER, members_match
 
 
 def load_manifest(url: str) -> dict:
@@ -70,7 +70,7 @@ def sample_problems(raw: dict, members: list[str], dims: dict[str, int]) -> list
     """Why this raw sample does not decode to what the manifest promises; empty when it does."""
     exts = sorted(k for k in raw if not k.startswith("__"))
     problems = []
-    if members and exts != members:
+    if members and not members_match(exts, members):
         problems.append(f"members {exts}, manifest says {members}")
     for ext in exts:
         try:
@@ -82,6 +82,8 @@ def sample_problems(raw: dict, members: list[str], dims: dict[str, int]) -> list
             elif ext in IMAGE_EXTENSIONS:
                 with Image.open(io.BytesIO(raw[ext])) as image:
                     image.load()
+                    if IMAGE_MEMBER.get(image.format) != ext.replace("jpeg", "jpg"):
+                        problems.append(f"{ext} member holds a {image.format} image")
         except Exception as e:  # any corruption: report it, keep checking the rest
             problems.append(f"cannot decode {ext} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     return problems

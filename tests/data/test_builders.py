@@ -12,7 +12,7 @@ from PIL import Image
 from lamscale import cli, storage
 from lamscale.data.schema import decode_sample
 from lamscale.data.stream import expand_urls, iter_samples
-from lamscale.data.verify import tar_samples
+from lamscale.data.verify import sample_problems, tar_samples
 from lamscale.data.writer import parse_size
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,6 +122,55 @@ def test_qvhighlights_round_trip_and_rejects(tmp_path, capsys):
     assert seen == set(data["good"])
 
 
+def write_qvh_release(root: Path, lines: list[dict]) -> dict:
+    """`lines` as the train jsonl, each with its own features (named by the qid as released); qid → (video, text)."""
+    rng, feats, arrays = np.random.default_rng(3), root / "features", {}
+    for ann in lines:
+        slowfast, clip, text = rng.standard_normal((4, 2304)), rng.standard_normal((4, 512)), rng.standard_normal((3, 512))
+        save_npz(feats / "slowfast_features" / f"{ann['vid']}.npz", features=slowfast)
+        save_npz(feats / "clip_features" / f"{ann['vid']}.npz", features=clip)
+        save_npz(feats / "clip_text_features" / f"qid{ann['qid']}.npz", last_hidden_state=text)
+        arrays[ann["qid"]] = (np.concatenate([slowfast, clip], axis=1).astype(np.float16), text.astype(np.float16))
+    (root / "highlight_train_release.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return arrays
+
+
+def test_qvhighlights_unsafe_qids_become_safe_keys_and_bad_queries_are_rejected(tmp_path, capsys):
+    lines = [json.loads(l) for l in (ROOT / "shards/qvhighlights_sample/train.jsonl").read_text().splitlines()[:7]]
+    lines[0]["qid"] = "8.5"                                 # a dot: WebDataset would split it as key "qid8", ext "5.json"
+    lines[1]["qid"] = "8_5"                                 # the same safe key: duplicate_key
+    lines[2]["query"], lines[3]["query"], lines[4]["query"] = None, "  ", 7   # bad_field
+    lines[5]["qid"] = "a b+c"                               # a space and a plus
+    arrays = write_qvh_release(tmp_path / "qvh", lines)
+    out = tmp_path / "shards"
+    code, _, _ = build(capsys, tmp_path / "qvh", "--format", "qvhighlights", "--out", out)
+    assert code == 0
+    rejects = rejects_of(out)
+    q = [l["qid"] for l in lines]
+    assert {i: r["kind"] for i, r in rejects.items()} == {"qid8_5": "duplicate_key", f"qid{q[2]}": "bad_field",
+                                                          f"qid{q[3]}": "bad_field", f"qid{q[4]}": "bad_field"}
+    assert rejects[f"qid{q[2]}"]["reason"] == "query null is not a non-empty string"
+    assert rejects[f"qid{q[3]}"]["reason"] == 'query "  " is not a non-empty string'
+    assert rejects[f"qid{q[4]}"]["reason"] == "query 7 is not a non-empty string"
+    # its own verify accepts what it wrote, and the trainer's reader gets the qid as released
+    assert cli.main(["shards", "verify", str(out)]) == 0
+    manifest = manifest_of(out)
+    got = {s.key: s for s in iter_samples(expand_urls(storage.join(str(out), manifest["splits"]["train"]["pattern"])))}
+    assert sorted(got) == sorted(["qid8_5", "qida_b_c", f"qid{q[6]}"])
+    assert got["qid8_5"].meta["qid"] == "8.5" and got["qida_b_c"].meta["qid"] == "a b+c"
+    assert np.array_equal(got["qid8_5"].video, arrays["8.5"][0]) and np.array_equal(got["qid8_5"].text, arrays["8.5"][1])
+    assert got["qid8_5"].meta["query"] == lines[0]["query"]
+
+
+def test_driver_rejects_a_key_that_would_not_read_back():
+    """Whatever a format module makes of its ids, a key with a dot or a slash never reaches a shard."""
+    from lamscale.data.builders import Reject, _validated
+    from lamscale.data.schema import Sample
+
+    with pytest.raises(Reject, match=r"sample key 'qid8\.5' has characters other than"):
+        _validated(Sample("qid8.5", {}, {"video": np.ones((2, 3))}), {}, [], set(), set())
+
+
 # --- MAD ----------------------------------------------------------------------------------------------
 
 def write_mad(root: Path) -> dict:
@@ -141,7 +190,8 @@ def write_mad(root: Path) -> dict:
              "16": ann("3001_21_JUMP_STREET", 7.0, 9.0, "Past the end."),  # bad_window (duration 8.0)
              "17": ann("0001_American_Beauty", 1.0, 2.0, "NaN tokens."),   # nonfinite
              "18": ann("0001_American_Beauty", 1.0, 2.0, "Narrow tokens."),  # bad_dim
-             "19": ann("0001_American_Beauty", 1.0, 2.0, "No tokens.")}    # missing_features (no text dataset)
+             "19": ann("0001_American_Beauty", 1.0, 2.0, "No tokens."),    # missing_features (no text dataset)
+             "20": ann("0001_American_Beauty", 1.0, 2.0, None)}             # bad_field (no sentence)
     val = {"21": ann("0001_American_Beauty", 2.0, 4.6, "She looks up.")}
     (root / "annotations/MAD_train.json").write_text(json.dumps(train))
     (root / "annotations/MAD_val.json").write_text(json.dumps(val))
@@ -152,7 +202,8 @@ def write_mad(root: Path) -> dict:
         for sid, tokens in texts.items():
             h5.create_dataset(sid, data=tokens)
     return {"movies": movies, "texts": texts, "anns": {**train, **val},
-            "bad": {"14": "missing_features", "15": "bad_window", "16": "bad_window", "17": "nonfinite", "18": "bad_dim", "19": "missing_features"}}
+            "bad": {"14": "missing_features", "15": "bad_window", "16": "bad_window", "17": "nonfinite", "18": "bad_dim", "19": "missing_features",
+                    "20": "bad_field"}}
 
 
 def test_mad_round_trip_and_rejects(tmp_path, capsys):
@@ -162,7 +213,7 @@ def test_mad_round_trip_and_rejects(tmp_path, capsys):
     assert code == 0
     manifest, rejects = manifest_of(out), rejects_of(out)
     assert_counts_add_up(manifest, rejects)
-    assert manifest["counts"]["train"]["input"] == 9 and manifest["counts"]["train"]["written"] == 3
+    assert manifest["counts"]["train"]["input"] == 10 and manifest["counts"]["train"]["written"] == 3
     assert manifest["counts"]["val"]["written"] == 1 and manifest["fps"] == 5.0
     assert {i: r["kind"] for i, r in rejects.items()} == data["bad"]
     assert "9999_MISSING" in rejects["14"]["reason"] and "CLIP_frames_features_5fps.h5" in rejects["14"]["reason"]
@@ -199,11 +250,15 @@ def write_imagefolder(root: Path) -> dict:
                 seed += 1
                 files[f"{split}/{name}/{path.name}"] = path
     gradient = np.tile(np.linspace(0, 255, 16, dtype=np.uint8)[None, :, None], (10, 1, 3))
-    Image.fromarray(gradient).save(root / "train/n01443537_goldfish/drawn.png")             # re-encoded as JPEG
-    (root / "train/n01440764_tench/broken.jpg").write_bytes(jpeg_bytes(5)[:200])            # unreadable_image
+    Image.fromarray(gradient).save(root / "train/n01443537_goldfish/drawn.png")             # kept as PNG
+    Image.fromarray(gradient[::-1]).save(root / "train/n01443537_goldfish/named.jpg", format="PNG")  # a PNG named .jpg
+    palette = Image.fromarray(gradient).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    palette.save(root / "train/n01443537_goldfish/animated.png", format="GIF")              # a GIF: re-encoded as PNG
+    (root / "train/n01440764_tench/broken.jpg").write_bytes(jpeg_bytes(5)[:200])            # unreadable_image (truncated)
+    (root / "train/n01440764_tench/fake.jpg").write_text("not a JPEG at all")               # unreadable_image (no image)
     (root / "train/n01440764_tench/notes.txt").write_text("not an image")                  # not_an_image
     (root / "train/LICENSE").write_text("outside any class folder")                         # not_in_class_folder
-    return {"files": files, "gradient": gradient}
+    return {"files": files, "gradient": gradient, "gif": np.asarray(palette.convert("RGB"))}
 
 
 def test_imagefolder_round_trip_and_rejects(tmp_path, capsys):
@@ -213,11 +268,19 @@ def test_imagefolder_round_trip_and_rejects(tmp_path, capsys):
     assert code == 0
     manifest, rejects = manifest_of(out), rejects_of(out)
     assert_counts_add_up(manifest, rejects)
-    assert manifest["classes"] == ["n01440764_tench", "n01443537_goldfish"] and manifest["members"] == ["jpg", "json"]
-    assert {i: r["kind"] for i, r in rejects.items()} == {"n01440764_tench/broken.jpg": "unreadable_image",
-                                                          "n01440764_tench/notes.txt": "not_an_image", "LICENSE": "not_in_class_folder"}
-    assert manifest["counts"]["train"] == {"input": 8, "written": 5, "rejected": 3, "rejected_by_kind": {
-        "not_in_class_folder": 1, "not_an_image": 1, "unreadable_image": 1}}
+    # JPEG and PNG members side by side, listed as WebDataset's alternatives
+    assert manifest["classes"] == ["n01440764_tench", "n01443537_goldfish"] and manifest["members"] == ["jpg;png", "json"]
+    assert {i: r["kind"] for i, r in rejects.items()} == {
+        "n01440764_tench/broken.jpg": "unreadable_image", "n01440764_tench/fake.jpg": "unreadable_image",
+        "n01440764_tench/notes.txt": "not_an_image", "LICENSE": "not_in_class_folder"}
+    assert manifest["counts"]["train"] == {"input": 11, "written": 7, "rejected": 4, "rejected_by_kind": {
+        "not_in_class_folder": 1, "not_an_image": 1, "unreadable_image": 2}}
+    # each reason names the file and what is wrong with it, never a Python object
+    fake, broken = rejects["n01440764_tench/fake.jpg"]["reason"], rejects["n01440764_tench/broken.jpg"]["reason"]
+    assert fake.startswith(str(tmp_path / "imagenet/train/n01440764_tench/fake.jpg")) and "not an image" in fake
+    assert "6e 6f 74 20" in fake  # "not " — the bytes it does hold
+    assert broken.startswith(str(tmp_path / "imagenet/train/n01440764_tench/broken.jpg")) and "truncated" in broken.lower()
+    assert not any("object at 0x" in r["reason"] for r in rejects.values())
     assert all(s["samples"] <= 2 for split in manifest["splits"].values() for s in split["shards"])
     back = read_back(out)
     for rel, path in data["files"].items():
@@ -226,10 +289,31 @@ def test_imagefolder_round_trip_and_rejects(tmp_path, capsys):
         assert sample.files["jpg"] == path.read_bytes()  # JPEGs keep their original bytes
         assert sample.meta == {"label": manifest["classes"].index(class_name), "class": class_name,
                                "path": f"{class_name}/{name}", "width": 12, "height": 9}
-    drawn = back["train"]["n01443537_goldfish_drawn"]
-    assert drawn.meta["label"] == 1 and drawn.files["jpg"][:2] == b"\xff\xd8"
-    pixels = np.asarray(Image.open(io.BytesIO(drawn.files["jpg"])).convert("RGB"), dtype=int)
-    assert np.abs(pixels - data["gradient"]).max() <= 8
+    # PNGs keep their bytes under .png, whatever the file is called; another format is re-encoded losslessly, and says so
+    goldfish = tmp_path / "imagenet/train/n01443537_goldfish"
+    drawn, named = back["train"]["n01443537_goldfish_drawn"], back["train"]["n01443537_goldfish_named"]
+    assert set(drawn.files) == set(named.files) == {"png"} and drawn.meta["label"] == named.meta["label"] == 1
+    assert drawn.files["png"] == (goldfish / "drawn.png").read_bytes() and named.files["png"] == (goldfish / "named.jpg").read_bytes()
+    assert "reencoded_from" not in drawn.meta and named.meta["path"] == "n01443537_goldfish/named.jpg"
+    gif = back["train"]["n01443537_goldfish_animated"]
+    assert set(gif.files) == {"png"} and gif.files["png"][:8] == b"\x89PNG\r\n\x1a\n" and gif.meta["reencoded_from"] == "GIF"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(gif.files["png"])).convert("RGB")), data["gif"])
+    # and the dataset's own verify accepts the mix
+    assert cli.main(["shards", "verify", str(out)]) == 0
+
+
+def test_verify_checks_image_members_by_their_real_format():
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((4, 5, 3), dtype=np.uint8)).save(buf, format="PNG")
+    png, jpg, meta = buf.getvalue(), jpeg_bytes(0), b"{}"
+    mixed = ["jpg;png", "json"]
+    assert sample_problems({"__key__": "a", "png": png, "json": meta}, mixed, {}) == []
+    assert sample_problems({"__key__": "a", "jpg": jpg, "json": meta}, mixed, {}) == []
+    assert sample_problems({"__key__": "a", "jpg": png, "json": meta}, ["jpg", "json"], {}) == ["jpg member holds a PNG image"]
+    assert sample_problems({"__key__": "a", "png": png, "json": meta}, ["jpg", "json"], {}) == [
+        "members ['json', 'png'], manifest says ['jpg', 'json']"]
+    assert sample_problems({"__key__": "a", "jpg": jpg, "png": png, "json": meta}, mixed, {}) == [
+        "members ['jpg', 'json', 'png'], manifest says ['jpg;png', 'json']"]
 
 
 # --- MSR-VTT ------------------------------------------------------------------------------------------

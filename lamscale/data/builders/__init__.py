@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lamscale import storage
-from lamscale.data.schema import SCHEMA_VERSION, Sample, encode_sample
+from lamscale.data.schema import IMAGE_EXTENSIONS, SCHEMA_VERSION, Sample, encode_sample, safe_key
 from lamscale.data.writer import ShardWriter, write_manifest
 
 FORMAT_NAMES = ("qvhighlights", "mad", "imagefolder", "msrvtt")
@@ -106,6 +106,14 @@ def require(record: dict, fields: tuple[str, ...]) -> None:
         raise Reject("missing_field", f"annotation lacks {', '.join(missing)}")
 
 
+def check_text(record: dict, name: str) -> str:
+    """A field that must be non-empty text (a query, a sentence): null, numbers and blanks are rejects."""
+    value = record[name]
+    if not isinstance(value, str) or not value.strip():
+        raise Reject("bad_field", f"{name} {json.dumps(value)} is not a non-empty string")
+    return value
+
+
 def check_window(window: Any, duration: float, what: str) -> list[float]:
     """[start, end] in seconds with 0 ≤ start < end ≤ duration."""
     ok = isinstance(window, (list, tuple)) and len(window) == 2 and all(isinstance(x, (int, float)) for x in window)
@@ -171,13 +179,14 @@ def build(format_name: str, opts: BuildOptions) -> BuildResult:
     old_manifest = _take_over(url, opts.overwrite)
     dims = {**plan.dims, **opts.dims}
     members: list[str] = []
+    image_exts: set[str] = set()
     splits, counts, rejects = {}, {}, []
     for split in plan.splits:
         writer = ShardWriter(url, split.name, opts.shard_size, opts.max_per_shard)
         split_rejects, seen = [], set()
         for item in tqdm(split.items, desc=f"{format_name} {split.name}", unit="sample"):
             try:
-                raw = _validated(split.load(item), dims, members, seen)
+                raw = _validated(split.load(item), dims, members, seen, image_exts)
             except Reject as r:
                 split_rejects.append({"split": split.name, "id": item.id, "kind": r.kind, "reason": r.reason})
                 continue
@@ -190,28 +199,40 @@ def build(format_name: str, opts: BuildOptions) -> BuildResult:
         rejects += split_rejects
     storage.write_bytes(storage.join(url, REJECTS_FILE), "".join(json.dumps(r) + "\n" for r in rejects).encode())
     manifest = {"format": format_name, "dataset": format_name, "sample_type": plan.sample_type, "source": str(opts.input),
-                "members": sorted(members), "feature_dims": dims, **plan.extra, "splits": splits, "counts": counts,
-                "rejects": REJECTS_FILE}
+                "members": _manifest_members(members, image_exts), "feature_dims": dims, **plan.extra, "splits": splits,
+                "counts": counts, "rejects": REJECTS_FILE}
     write_manifest(url, manifest)
     _remove_stale_shards(url, old_manifest, manifest)
     return BuildResult(url, {"schema_version": SCHEMA_VERSION, **manifest}, rejects)
 
 
-def _validated(sample: Sample, dims: dict[str, int], members: list[str], seen: set[str]) -> dict:
+_IMAGE = "<image>"  # the one member slot an image takes, whichever format it keeps
+
+
+def _validated(sample: Sample, dims: dict[str, int], members: list[str], seen: set[str], image_exts: set[str]) -> dict:
     pinned = dict(dims)  # a rejected sample must not pin the dims
     for name, array in sample.arrays.items():
         check_array(name, array, pinned)
+    if sample.key != safe_key(sample.key):  # a dot would split the key from its extension when read back
+        raise Reject("bad_key", f"sample key {sample.key!r} has characters other than letters, digits, _ and -")
     if sample.key in seen:
         raise Reject("duplicate_key", f"sample key {sample.key!r} is already taken by an earlier input")
     raw = encode_sample(sample)
     names = sorted(k for k in raw if not k.startswith("__"))
+    slots = sorted(_IMAGE if n in IMAGE_EXTENSIONS else n for n in names)
     if not members:
-        members += names  # the first sample fixes the members every sample must have
-    elif names != members:
-        raise Reject("inconsistent_members", f"sample has members {names}, the dataset has {members}")
+        members += slots  # the first sample fixes the members every sample must have
+    elif slots != members:
+        raise Reject("inconsistent_members", f"sample has members {names}, the dataset has {_manifest_members(members, image_exts)}")
     seen.add(sample.key)
+    image_exts.update(n for n in names if n in IMAGE_EXTENSIONS)
     dims.update(pinned)
     return raw
+
+
+def _manifest_members(slots: list[str], image_exts: set[str]) -> list[str]:
+    """The image slot as the formats written, WebDataset-style alternatives: `jpg`, `png` or `jpg;png`."""
+    return sorted(";".join(sorted(image_exts)) if s == _IMAGE else s for s in slots)
 
 
 def _take_over(url: str, overwrite: bool) -> dict | None:

@@ -3,8 +3,11 @@
     <root>/{train,val,test}/<class_name>/*.JPEG|jpg|png     (or <root>/<class_name>/… as one split, train)
 
 A class's label is its index among the sorted class names of all splits, so that every split agrees.
-A sample is `<key>.jpg` — the original bytes when the file is a JPEG, else re-encoded — and
-`<key>.json` {label, class, path, width, height}. Every file under a split is an input: one that is
+A sample is the image's original bytes under the member its real format names (`<key>.jpg` for JPEG,
+`<key>.png` for PNG, whatever the file's extension; any other format Pillow reads is re-encoded to PNG,
+losslessly, and its json says `reencoded_from`) and `<key>.json` {label, class, path, width, height}.
+A dataset mixing JPEG and PNG lists the image member as `jpg;png` in its manifest, as WebDataset's
+`to_tuple("jpg;png", "json")` reads it. Every file under a split is an input: one that is
 not a decodable image is a reject, not skipped.
 """
 from __future__ import annotations
@@ -12,13 +15,13 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from lamscale.data.builders import BuildOptions, DatasetPlan, Item, Reject, SplitInput
-from lamscale.data.schema import IMAGE_EXTENSIONS, Sample, safe_key
+from lamscale.data.schema import IMAGE_EXTENSIONS, IMAGE_MEMBER, Sample, safe_key
 
 SPLITS = ("train", "val", "test")
-JPEG_QUALITY = 95  # re-encoding only for non-JPEG inputs (PNG); high enough to be visually lossless
+_PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16")  # the rest (CMYK, YCbCr, F…) go through RGB(A)
 
 
 def split_dirs(opts: BuildOptions) -> dict[str, Path]:
@@ -54,20 +57,32 @@ class ImageLoader:
         if path.suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS:
             raise Reject("not_an_image", f"{path}: extension {path.suffix or '(none)'!r} is not one of {', '.join(IMAGE_EXTENSIONS)}")
         data = path.read_bytes()
+        if not data:
+            raise Reject("unreadable_image", f"{path}: empty file")
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:  # its message names the BytesIO, not the file
+            raise Reject("unreadable_image", f"{path}: not an image Pillow can read (first bytes {data[:8].hex(' ')})") from None
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError… for bad headers
+            raise Reject("unreadable_image", f"{path}: cannot read its image header ({type(e).__name__}: {e})") from None
+        with image:
+            try:
                 image.load()  # decodes every pixel: a truncated file fails here, not in training
-                size, image_format = image.size, image.format
-                if image_format != "JPEG":
-                    out = io.BytesIO()
-                    image.convert("RGB").save(out, format="JPEG", quality=JPEG_QUALITY)
-                    data = out.getvalue()
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError… for bad files
-            raise Reject("unreadable_image", f"cannot decode {path}: {type(e).__name__}: {e}") from None
+            except Exception as e:
+                raise Reject("unreadable_image", f"{path}: cannot decode its {image.format} data ({type(e).__name__}: {e})") from None
+            size, image_format = image.size, image.format
+            ext = IMAGE_MEMBER.get(image_format)
+            meta_extra = {}
+            if ext is None:  # another format under an image extension: stored losslessly as PNG, and said so
+                out = io.BytesIO()
+                png_ready = image if image.mode in _PNG_MODES else image.convert("RGBA" if "A" in image.mode else "RGB")
+                png_ready.save(out, format="PNG")
+                data, ext, meta_extra = out.getvalue(), "png", {"reencoded_from": image_format}
         rel = path.relative_to(self.split_dir)
         class_name = rel.parts[0]
-        meta = {"label": self.label[class_name], "class": class_name, "path": str(rel), "width": size[0], "height": size[1]}
-        return Sample(safe_key(str(rel.with_suffix(""))), meta, files={"jpg": data})
+        meta = {"label": self.label[class_name], "class": class_name, "path": str(rel), "width": size[0], "height": size[1],
+                **meta_extra}
+        return Sample(safe_key(str(rel.with_suffix(""))), meta, files={ext: data})
 
 
 def plan(opts: BuildOptions) -> DatasetPlan:

@@ -16,8 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from lamscale.data.builders import (BuildOptions, DatasetPlan, Item, Reject, SplitInput, check_finite, check_window, find,
-                                   require)
+from lamscale.data.builders import (BuildOptions, DatasetPlan, Item, Reject, SplitInput, check_finite, check_text, check_window,
+                                   find, require)
 from lamscale.data.schema import Sample, safe_key
 
 VIDEO_FEATURES = "CLIP_frames_features_5fps.h5"
@@ -99,6 +99,7 @@ class MADLoader:
         if not isinstance(ann, dict):
             raise Reject("bad_json", f"annotation {item.id} is a {type(ann).__name__}, not an object")
         require(ann, ("movie", "sentence", "timestamps", "movie_duration"))
+        check_text(ann, "sentence")
         duration = ann["movie_duration"]
         if not isinstance(duration, (int, float)) or duration <= 0:
             raise Reject("bad_window", f"movie_duration {duration!r} is not a positive number of seconds")

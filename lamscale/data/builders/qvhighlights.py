@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lamscale.data.builders import (BuildOptions, DatasetPlan, Item, Reject, SplitInput, check_window, find, read_array,
-                                   require)
-from lamscale.data.schema import Sample
+from lamscale.data.builders import (BuildOptions, DatasetPlan, Item, Reject, SplitInput, check_text, check_window, find,
+                                   read_array, require)
+from lamscale.data.schema import Sample, safe_key
 
 VIDEO_FEATURES = ("slowfast_features", "clip_features")
 TEXT_FEATURES = "clip_text_features"
@@ -90,6 +90,10 @@ class QVHighlightsLoader:
             raise Reject("bad_json", item.payload)
         ann = item.payload
         require(ann, ("qid", "query", "duration", "vid"))
+        if isinstance(ann["qid"], bool) or not isinstance(ann["qid"], (int, float, str)) or not str(ann["qid"]).strip():
+            raise Reject("bad_field", f"qid {json.dumps(ann['qid'])} is not a number or a non-empty string")
+        check_text(ann, "query")
+        check_text(ann, "vid")
         if not isinstance(ann["duration"], (int, float)) or ann["duration"] <= 0:
             raise Reject("bad_window", f"duration {ann['duration']!r} is not a positive number of seconds")
         check_labels(ann, self.clip_len)
@@ -105,7 +109,9 @@ class QVHighlightsLoader:
         text = read_array(self.text_dir / f"qid{ann['qid']}.npz", "last_hidden_state")
         meta = {k: ann[k] for k in ("qid", "vid", "query", "duration", "relevant_windows", "relevant_clip_ids", "saliency_scores") if k in ann}
         meta["clip_len"] = self.clip_len
-        return Sample(f"qid{ann['qid']}", meta, {"video": video, "text": text})
+        # the key only names the tar group (a qid like "8.5" would split as key "qid8", ext "5.json");
+        # the sample's json keeps the qid as released
+        return Sample(safe_key(f"qid{ann['qid']}"), meta, {"video": video, "text": text})
 
 
 def plan(opts: BuildOptions) -> DatasetPlan:
