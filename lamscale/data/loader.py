@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lamscale.config import Config
 from lamscale.data.bucketing import Batcher, trim_padding
-from lamscale.data.reader import SKIP_KINDS, DataError, ReadOptions
+from lamscale.data.batch import LengthLimit
+from lamscale.data.reader import COUNTED, DataError, ReadOptions
 from lamscale.data.schema import MomentSample
 from lamscale.data.stream import TrainStream
 from lamscale.storage import StorageError
@@ -43,13 +44,14 @@ class LoaderSpec:
     max_clips: int = 1 << 30
     max_text: int = 1 << 30
     options: ReadOptions = field(default_factory=ReadOptions)
+    truncate: bool = False  # samples over max_clips/max_text: cut and counted (else an error naming them)
 
     @classmethod
     def from_config(cls, cfg: Config) -> LoaderSpec:
         d, m = cfg.data, cfg.model
         options = ReadOptions(d.on_error, d.allow_pipe, d.read_retry_s, d.read_block_kib)
         return cls(d.train, cfg.train.seed, d.batch_size, d.shuffle_buffer, d.token_budget, d.bucket_pool, d.window,
-                   m.max_clips, m.max_text, options)
+                   m.max_clips, m.max_text, options, d.truncate)
 
 
 def collate_moments(samples: list[MomentSample], max_clips: int, max_text: int, trim: bool):
@@ -65,7 +67,7 @@ def worker_batches(spec: LoaderSpec, rank: int, world: int, worker: int, workers
     """(worker, batch, position after it, skip counts) forever; a data error ends it with (worker, None, message, None)."""
     try:
         stream = TrainStream(spec.pattern, rank, world, spec.seed, spec.shuffle_buffer, worker, workers, spec.options,
-                             spec.window)
+                             spec.window, LengthLimit(spec.max_clips, spec.max_text, spec.truncate))
         batcher = Batcher(stream, spec.batch_size, spec.token_budget, spec.bucket_pool, spec.max_clips, spec.max_text)
         if position is not None:
             batcher.load_state_dict(position)
@@ -100,7 +102,7 @@ class TrainLoader:
         self.workers, self.prefetch = workers, prefetch
         self.streams = max(1, workers)
         self.positions: list[dict | None] = [None] * self.streams
-        self.counts = [dict.fromkeys(SKIP_KINDS, 0) for _ in range(self.streams)]
+        self.counts = [dict.fromkeys(COUNTED, 0) for _ in range(self.streams)]
         self.next = 0  # the stream whose batch comes next
 
     @classmethod
@@ -116,16 +118,16 @@ class TrainLoader:
     def load_state_dict(self, state: dict) -> None:
         if "version" not in state:  # the single-process stream's position, from before loader workers
             state = {"version": 2, "streams": 1, "next": 0, "positions": [{"stream": state, "done": 0}],
-                     "skipped": [dict.fromkeys(SKIP_KINDS, 0)]}
+                     "skipped": [dict.fromkeys(COUNTED, 0)]}
         if state["streams"] != self.streams:
             raise DataError(f"the checkpoint's loader has {state['streams']} worker stream(s), this run "
                             f"{self.streams}: resume with data.workers={state['streams']} (0 and 1 are the same)")
         self.next, self.positions = int(state["next"]), list(state["positions"])
-        self.counts = [{k: int(c.get(k, 0)) for k in SKIP_KINDS} for c in state["skipped"]]
+        self.counts = [{k: int(c.get(k, 0)) for k in COUNTED} for c in state["skipped"]]
 
     def skipped(self) -> dict[str, int]:
-        """Samples and shards skipped as bad (`on_error: skip`) in the batches taken so far."""
-        return {k: sum(c[k] for c in self.counts) for k in SKIP_KINDS}
+        """Samples and shards skipped as bad (`on_error: skip`) and samples truncated, in the batches taken so far."""
+        return {k: sum(c[k] for c in self.counts) for k in COUNTED}
 
     def _items(self) -> Iterator[tuple]:
         dataset = _Streams(self.spec, self.rank, self.world, list(self.positions), self.next, self.collate)

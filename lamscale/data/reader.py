@@ -17,6 +17,7 @@ from lamscale.data.schema import MomentSample, SampleError, decode
 
 PIPE = "pipe:"
 SKIP_KINDS = ("samples", "shards")  # a corrupt sample; a shard cut short (the rest of it is lost)
+COUNTED = (*SKIP_KINDS, "truncated")  # data events a stream counts: skips, and samples cut to the model's limits
 
 
 class DataError(RuntimeError):
@@ -173,5 +174,8 @@ def read_samples(urls: list[str], options: ReadOptions, on_skip: SkipHook | None
 
 
 def print_skip(kind: str, message: str) -> None:
+    if kind == "truncated":
+        print(f"[lamscale] truncated: {message}", file=sys.stderr, flush=True)
+        return
     what = "rest of shard" if kind == "shards" else "sample"
     print(f"[lamscale] skipped ({what}): {message}", file=sys.stderr, flush=True)

@@ -9,7 +9,8 @@ import braceexpand
 
 from lamscale import storage
 from lamscale.data import windows
-from lamscale.data.reader import (SKIP_KINDS, DataError, ReadOptions, is_pipe, print_skip, read_samples, refuse_pipe,
+from lamscale.data.batch import LengthLimit
+from lamscale.data.reader import (COUNTED, DataError, ReadOptions, is_pipe, print_skip, read_samples, refuse_pipe,
                                    shard_samples)
 from lamscale.data.schema import MomentSample
 
@@ -78,15 +79,15 @@ class TrainStream:
     """
 
     def __init__(self, pattern: str, rank: int, world: int, seed: int, buffer: int, worker: int = 0, workers: int = 1,
-                 options: ReadOptions = ReadOptions(), window: int = 0):
+                 options: ReadOptions = ReadOptions(), window: int = 0, limit: LengthLimit = LengthLimit()):
         self.urls = expand_urls(pattern)
         refuse_pipe(self.urls, "data.train", options.allow_pipe)
         self.rank, self.world, self.worker, self.workers = rank, world, worker, workers
-        self.seed, self.buffer, self.options, self.window = seed, buffer, options, window
+        self.seed, self.buffer, self.options, self.window, self.limit = seed, buffer, options, window, limit
         self.name = f"{seed}-{rank}" if workers == 1 else f"{seed}-{rank}-{worker}"  # seeds other draws of this stream
         self.epoch, self.offset, self.cursor = 0, 0, [0, 0]
-        self.skipped_before = dict.fromkeys(SKIP_KINDS, 0)  # counted in the epochs before this one
-        self.skipped_now = dict.fromkeys(SKIP_KINDS, 0)  # counted in this epoch's reads so far
+        self.skipped_before = dict.fromkeys(COUNTED, 0)  # counted in the epochs before this one
+        self.skipped_now = dict.fromkeys(COUNTED, 0)  # counted in this epoch's reads so far
         self._pinned: dict | None = None  # a restored position, checked once the replay reaches it
         self._reading = [0, 0]  # the read cursor: (index in this epoch's shards, samples read from that shard)
         self._quiet = False
@@ -100,7 +101,7 @@ class TrainStream:
         return self._split[1]
 
     def skipped(self) -> dict[str, int]:
-        return {k: self.skipped_before[k] + self.skipped_now[k] for k in SKIP_KINDS}
+        return {k: self.skipped_before[k] + self.skipped_now[k] for k in COUNTED}
 
     def state_dict(self) -> dict:
         shards = [_name(u) for u in self.epoch_split(self.epoch)[0]]
@@ -109,7 +110,7 @@ class TrainStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-        self.skipped_before = {k: int(state.get("skipped", {}).get(k, 0)) for k in SKIP_KINDS}
+        self.skipped_before = {k: int(state.get("skipped", {}).get(k, 0)) for k in COUNTED}
         self.cursor = list(state.get("cursor", [0, 0]))
         self._pinned = state if "shards" in state else None  # states saved before the pin have none
         if self._pinned is not None:
@@ -137,7 +138,11 @@ class TrainStream:
                     if not keep:
                         break
                 if keep:
-                    yield windows.crop(sample, self.window, windows.window_rng(self.seed, epoch, sample.key))
+                    sample = windows.crop(sample, self.window, windows.window_rng(self.seed, epoch, sample.key))
+                    sample, cut = self.limit.fit(sample, url)
+                    if cut:
+                        self._skip("truncated", f"{url}: sample {sample.key!r} cut to model.max_clips/max_text")
+                    yield sample
 
     def _epoch_samples(self, epoch: int) -> Iterator[tuple[MomentSample, list[int]]]:
         worker = f"-{self.worker}" if self.workers > 1 else ""  # one worker: the seeds of the single-process stream
@@ -154,7 +159,7 @@ class TrainStream:
     def __iter__(self) -> Iterator[MomentSample]:
         while True:
             skip, produced = self.offset, 0
-            self.skipped_now = dict.fromkeys(SKIP_KINDS, 0)
+            self.skipped_now = dict.fromkeys(COUNTED, 0)
             self._quiet = skip > 0
             for i, (sample, reading) in enumerate(self._epoch_samples(self.epoch)):
                 produced = i + 1
@@ -169,7 +174,7 @@ class TrainStream:
                 raise DataError(f"{self._who()}: epoch {self.epoch} has {produced} samples in its split of "
                                 f"{len(self.urls)} shards" + (f", the checkpoint was at sample {skip}" if skip else ""))
             self.skipped_before = self.skipped()
-            self.skipped_now = dict.fromkeys(SKIP_KINDS, 0)
+            self.skipped_now = dict.fromkeys(COUNTED, 0)
             self.epoch, self.offset, self.cursor, self._pinned = self.epoch + 1, 0, [0, 0], None
 
     def _check_replay(self, reading: list[int]) -> None:
@@ -179,10 +184,18 @@ class TrainStream:
                             f"{pinned['cursor']} at the checkpoint, now at {reading}: the shards' contents changed")
 
 
-def eval_samples(pattern: str, rank: int, world: int, options: ReadOptions = ReadOptions()) -> Iterator[MomentSample]:
-    """Every sample of the split exactly once across ranks (sample i goes to rank i % world)."""
+def eval_samples(pattern: str, rank: int, world: int, options: ReadOptions = ReadOptions(),
+                 limit: LengthLimit = LengthLimit(), counts: dict | None = None) -> Iterator[MomentSample]:
+    """Every sample of the split exactly once across ranks (sample i goes to rank i % world), fitted to
+    `limit`; samples it cut are counted in `counts["truncated"]`."""
     urls = expand_urls(pattern)
     refuse_pipe(urls, "data.val", options.allow_pipe)
-    for i, sample in enumerate(read_samples(urls, options)):
-        if i % world == rank:
-            yield sample
+    i = 0
+    for url in urls:
+        for sample in shard_samples(url, options, print_skip):
+            if i % world == rank:
+                sample, cut = limit.fit(sample, url)
+                if cut and counts is not None:
+                    counts["truncated"] = counts.get("truncated", 0) + 1
+                yield sample
+            i += 1

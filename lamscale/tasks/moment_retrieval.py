@@ -87,15 +87,34 @@ def losses(out: dict[str, torch.Tensor], batch: MomentBatch, cfg: TaskConfig) ->
     # margin ranking: a clip annotated as more salient must score higher (unannotated clips = −1).
     # Relevant-vs-background pairs far outnumber pairs inside the moment; average each kind on its
     # own so the finer ordering that highlight detection is scored on is not drowned out.
-    sal, target = out["saliency"].float(), batch.saliency
-    pairs = (target[:, :, None] > target[:, None, :]) & batch.video_valid[:, :, None] & batch.video_valid[:, None, :]
-    hinge = F.relu(cfg.saliency_margin - (sal[:, :, None] - sal[:, None, :]))
-    inside = pairs & (target[:, None, :] >= 0)
-    saliency = sum((hinge * kind).sum() / kind.sum().clamp(min=1) for kind in (pairs & ~inside, inside))
-
+    saliency = _ranking_loss(out["saliency"].float(), batch.saliency, batch.video_valid, cfg.saliency_margin)
     parts = {"focal": focal, "l1": l1, "giou": giou, "saliency": saliency}
     total = cfg.w_focal * focal + cfg.w_l1 * l1 + cfg.w_giou * giou + cfg.w_saliency * saliency
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+ALL_PAIRS_UP_TO = 256  # clips: longer videos (movies) rank each clip against this many sampled partners
+
+
+def _ranking_loss(scores: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, margin: float) -> torch.Tensor:
+    """Hinge loss over ordered pairs (i, j) with target_i > target_j. Every pair up to ALL_PAIRS_UP_TO
+    clips; beyond, each clip i meets ALL_PAIRS_UP_TO partners drawn uniformly (torch's RNG, which the
+    checkpoint restores), so memory is O(B·T·K), never O(B·T²)."""
+    B, T = target.shape
+    if T <= ALL_PAIRS_UP_TO:
+        partner = torch.arange(T, device=target.device).expand(B, T, T)
+    else:
+        partner = torch.randint(0, T, (B, T, ALL_PAIRS_UP_TO), device=target.device)
+    flat = partner.reshape(B, -1)
+
+    def at_partners(x: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, flat).view(partner.shape)
+
+    target_j = at_partners(target)
+    pairs = (target[:, :, None] > target_j) & valid[:, :, None] & at_partners(valid)
+    hinge = F.relu(margin - (scores[:, :, None] - at_partners(scores)))
+    inside = pairs & (target_j >= 0)
+    return sum((hinge * kind).sum() / kind.sum().clamp(min=1) for kind in (pairs & ~inside, inside))
 
 
 def _nms(windows: list[list[float]], iou_threshold: float, keep: int) -> list[list[float]]:

@@ -21,10 +21,10 @@ import tempfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from lamscale import storage
 from lamscale.train import faults
+from lamscale.train.collectives import Collectives
 
 TAG = "ckpt"  # DeepSpeed's sub-folder name inside each local staging dir
 STEP_DIR = re.compile(r"step_(\d{8})$")
@@ -72,8 +72,8 @@ def committed_steps(run_url: str) -> list[int]:
 
 
 class CheckpointStore:
-    def __init__(self, run_url: str, rank: int, world: int, keep_last: int):
-        self.run_url, self.rank, self.world, self.keep_last = run_url, rank, world, keep_last
+    def __init__(self, run_url: str, rank: int, world: int, keep_last: int, comm: Collectives):
+        self.run_url, self.rank, self.world, self.keep_last, self.comm = run_url, rank, world, keep_last, comm
         self.fs, _ = storage.fs_for(run_url)
 
     def url(self, step: int) -> str:
@@ -96,14 +96,13 @@ class CheckpointStore:
                 files[name] = {"bytes": os.path.getsize(local), "sha256": _sha256(local)}
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        everyone = [None] * self.world
-        dist.all_gather_object(everyone, files)  # doubles as the barrier: all uploads are done
+        everyone = self.comm.gather(files, self.world)  # doubles as the barrier: all uploads are done
         faults.maybe_kill("before_commit", step, self.rank)
         if self.rank == 0:
             manifest = {"step": step, "world_size": self.world, "files": {k: v for f in everyone for k, v in f.items()}}
             storage.write_bytes(storage.join(self.url(step), "commit.json"), json.dumps(manifest, indent=1).encode())
             self._prune(step)
-        dist.barrier()
+        self.comm.barrier()
 
     def _prune(self, newest: int) -> None:
         steps = committed_steps(self.run_url)

@@ -3,21 +3,25 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
+from itertools import islice
+from typing import Iterator
 
 import psutil
 import torch
-import torch.distributed as dist
 
 from lamscale import storage
 from lamscale.config import Config, from_dict
+from lamscale.data.batch import LengthLimit
 from lamscale.data.loader import TrainLoader
-from lamscale.data.reader import SKIP_KINDS
+from lamscale.data.reader import COUNTED, DataError, SKIP_KINDS
 from lamscale.data.stream import eval_samples
 from lamscale.model.moment import MomentModel
 from lamscale.tasks import moment_retrieval as task
 from lamscale.tasks.qvhighlights_metrics import evaluate as official_metrics
 from lamscale.train.checkpoint import CheckpointStore, committed_steps
 from lamscale.train import faults
+from lamscale.train.collectives import Collectives
 from lamscale.train.engine import build_engine
 from lamscale.train.monitor import Monitor, RateWindow
 from lamscale.train.preempt import StopFlag
@@ -28,12 +32,13 @@ class Trainer:
         self.cfg, self.run_url, self.rank, self.world = cfg, run_url, rank, world
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.engine = build_engine(MomentModel(cfg.model), cfg, world, use_gpu)
+        self.comm = Collectives(self.engine.device)  # NCCL on GPUs: control values live on the engine's device
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.loader = TrainLoader.from_config(cfg, rank, world)  # data.workers processes, exact position
-        self.store = CheckpointStore(run_url, rank, world, cfg.train.keep_last)
+        self.store = CheckpointStore(run_url, rank, world, cfg.train.keep_last, self.comm)
         self.step, self.samples_seen, self.tokens_seen = 0, 0, 0
         self.chance: dict | None = None  # metrics of random predictions, computed at the first eval
-        self.stop = StopFlag(run_url, rank)
+        self.stop = StopFlag(run_url, rank, self.comm)
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # per-rank dropout stream
         steps = committed_steps(run_url)
         if steps:
@@ -88,49 +93,59 @@ class Trainer:
             self.monitor.close()
 
     def log(self, loss: torch.Tensor, parts: dict[str, float], rates: dict[str, float]) -> None:
-        """Rank 0 writes the window's loss terms (averaged over ranks), rates, memory and skip counts."""
-        values = torch.tensor([float(loss.detach()), *parts.values()])
-        dist.all_reduce(values)
-        values /= self.world
-        skipped = torch.tensor([float(n) for n in self.loader.skipped().values()])
-        dist.all_reduce(skipped)  # bad samples / cut shards skipped by every rank so far (on_error: skip)
+        """Rank 0 writes the window's loss terms (averaged over ranks), rates, memory and data counts."""
+        values = [v / self.world for v in self.comm.sum([float(loss.detach()), *parts.values()])]
+        counted = self.loader.skipped()  # skipped bad samples / cut shards, truncated samples: every rank so far
+        counts = dict(zip(COUNTED, self.comm.sum([counted[k] for k in COUNTED])))
         if self.monitor is None:
             return
-        self.monitor.scalars(self.step, {"skipped": float(skipped.sum()),
-                                         **{f"skipped_{k}": float(n) for k, n in zip(SKIP_KINDS, skipped)}}, "data/")
+        self.monitor.scalars(self.step, {"skipped": sum(counts[k] for k in SKIP_KINDS), "truncated": counts["truncated"],
+                                         **{f"skipped_{k}": counts[k] for k in SKIP_KINDS}}, "data/")
         lr = self.engine.get_lr()[0]
         grad_norm = self.engine.get_global_grad_norm()
-        self.monitor.scalars(self.step, {"loss": float(values[0]), "lr": lr, "grad_norm": float(grad_norm or 0.0)}, "train/")
-        self.monitor.scalars(self.step, dict(zip(parts, values[1:].tolist())), "loss/")
+        self.monitor.scalars(self.step, {"loss": values[0], "lr": lr, "grad_norm": float(grad_norm or 0.0)}, "train/")
+        self.monitor.scalars(self.step, dict(zip(parts, values[1:])), "loss/")
         self.monitor.scalars(self.step, {**rates, "tokens_seen": self.tokens_seen,
                                          "rss_gib": psutil.Process().memory_info().rss / 2**30}, "perf/")
-        self.say(self.monitor.progress(self.step, float(values[0]), lr, rates["samples_per_s"]))
+        self.say(self.monitor.progress(self.step, values[0], lr, rates["samples_per_s"]))
+
+    def eval_batches(self, counts: dict) -> Iterator[task.MomentBatch | None]:
+        """This rank's share of the val split, streamed in batches; then None until every rank is done."""
+        m, d = self.cfg.model, self.cfg.data
+        samples = eval_samples(d.val, self.rank, self.world, self.loader.spec.options,
+                               LengthLimit(m.max_clips, m.max_text, d.truncate), counts)
+        while chunk := list(islice(samples, d.batch_size)):
+            yield task.collate(chunk, m.max_clips, m.max_text)
+        while True:
+            yield None
 
     @torch.no_grad()
     def evaluate(self) -> None:
         self.engine.eval()
-        m, bs = self.cfg.model, self.cfg.data.batch_size
-        mine = list(eval_samples(self.cfg.data.val, self.rank, self.world, self.loader.spec.options))
-        chunks = [mine[i : i + bs] for i in range(0, len(mine), bs)]
-        n = torch.tensor([len(chunks)])
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)  # equal forward counts on every rank (ZeRO-3 gathers)
-        predictions, truths, maps = [], [], []
-        for i in range(int(n)):
-            batch = task.collate(chunks[min(i, len(chunks) - 1)], m.max_clips, m.max_text)
-            inputs = [x.to(self.engine.device) for x in batch.inputs(self.dtype)]
-            out = self.engine(*inputs)
-            if i < len(chunks):
+        counts = {"truncated": 0}
+        predictions, truths, maps, last = [], [], [], None
+        for i, batch in enumerate(self.eval_batches(counts)):
+            if not self.comm.any(batch is not None):
+                break
+            if batch is None and last is None:
+                raise DataError(f"data.val: rank {self.rank} of {self.world} got no val sample; the split needs at "
+                                f"least {self.world} samples")
+            # a rank whose share ran out repeats its last batch: ZeRO-3 gathers need every rank's forward
+            inputs = [x.to(self.engine.device) for x in (batch or last).inputs(self.dtype)]
+            draw = i == 0 and self.rank == 0 and self.cfg.train.mask_images
+            with self.engine.module.encoder.capture_masks() if draw else nullcontext([]) as captured:
+                out = self.engine(*inputs)
+            maps = captured if draw else maps
+            if batch is not None:
                 predictions += task.decode(out, batch, self.cfg.task)
                 truths += [task.ground_truth(meta) for meta in batch.meta]
-            if i == 0 and self.cfg.train.mask_images:
-                maps = self.engine.module.encoder.mask_maps(*inputs)
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, (predictions, truths))
+                last = batch
+        gathered = self.comm.gather((predictions, truths, counts["truncated"]), self.world)
         self.engine.train()
         if self.monitor is None:
             return
-        predictions = sorted((p for ps, _ in gathered for p in ps), key=lambda p: p["qid"])
-        truths = sorted((g for _, gs in gathered for g in gs), key=lambda g: g["qid"])
+        predictions = sorted((p for ps, _, _ in gathered for p in ps), key=lambda p: p["qid"])
+        truths = sorted((g for _, gs, _ in gathered for g in gs), key=lambda g: g["qid"])
         metrics = official_metrics(predictions, truths)
         if self.chance is None:  # the val set never changes within a run: score chance once
             self.chance = official_metrics(task.random_predictions(truths, self.cfg.task, self.cfg.data.clip_len), truths)
@@ -141,7 +156,7 @@ class Trainer:
         report = {"step": self.step, **metrics}
         storage.write_bytes(storage.join(self.run_url, "metrics_val.json"), json.dumps(report, indent=4).encode())
         brief = metrics["brief"]
-        self.monitor.scalars(self.step, {k: v for k, v in brief.items()}, "val/")
+        self.monitor.scalars(self.step, {**brief, "truncated": sum(n for _, _, n in gathered)}, "val/")
         self.monitor.mask_images(self.step, maps)
         self.say(f"eval @ {self.step}: MR-full-mAP {brief['MR-full-mAP']:.2f} (chance {chance['brief']['MR-full-mAP']:.2f}) | "
                  f"HL-min-VeryGood-mAP {brief['HL-min-VeryGood-mAP']:.2f} (chance {chance['brief']['HL-min-VeryGood-mAP']:.2f})")

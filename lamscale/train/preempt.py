@@ -6,10 +6,8 @@ installed, so the driver (whose main thread can) is the one that listens.
 """
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
-
 from lamscale import storage
+from lamscale.train.collectives import Collectives
 
 STOP_FILE = "STOP_REQUESTED"
 
@@ -27,11 +25,8 @@ def clear_stop(run_url: str) -> None:
 class StopFlag:
     """Rank 0 looks for the stop request; an all-reduce makes every rank see the same answer."""
 
-    def __init__(self, run_url: str, rank: int):
-        self.url, self.rank = storage.join(run_url, STOP_FILE), rank
+    def __init__(self, run_url: str, rank: int, comm: Collectives):
+        self.url, self.rank, self.comm = storage.join(run_url, STOP_FILE), rank, comm
 
     def agreed(self) -> bool:
-        local = 1.0 if self.rank == 0 and storage.exists(self.url) else 0.0
-        flag = torch.tensor([local])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return self.comm.any(self.rank == 0 and storage.exists(self.url))

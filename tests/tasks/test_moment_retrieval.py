@@ -74,3 +74,31 @@ def test_random_predictions_are_valid_submissions():
     preds = task.random_predictions(truths, TaskConfig(), 2.0)
     metrics = evaluate(preds, truths)
     assert 0 <= metrics["brief"]["MR-full-mAP"] < 100
+
+
+def test_ranking_loss_hand_computed():
+    """scores (0, .25, .5), saliency (2, unannotated, 1), margin .5: background pairs (0,1) → .75 and
+    (2,1) → .25 average to .5; the one pair inside the moment (0,2) → 1.0; total 1.5."""
+    from lamscale.tasks.moment_retrieval import _ranking_loss
+
+    scores = torch.tensor([[0.0, 0.25, 0.5]])
+    target = torch.tensor([[2.0, -1.0, 1.0]])
+    loss = _ranking_loss(scores, target, torch.ones(1, 3, dtype=torch.bool), margin=0.5)
+    assert float(loss) == 1.5
+
+
+def test_ranking_loss_on_a_movie_is_not_quadratic():
+    """T = 6000 clips: no tensor of T² elements, and perfectly ordered scores with the margin met cost 0."""
+    from conftest import NumelRecorder
+    from lamscale.tasks.moment_retrieval import _ranking_loss
+
+    T = 6000
+    target = torch.full((1, T), -1.0)
+    target[0, 100:160] = torch.linspace(0, 4, 60)
+    scores = (target * 10).requires_grad_()
+    with NumelRecorder() as rec:
+        loss = _ranking_loss(scores, target, torch.ones(1, T, dtype=torch.bool), margin=0.2)
+        loss.backward()
+    assert float(loss) == 0.0 and rec.max_numel < T * T // 8
+    bad = _ranking_loss(-target * 10, target, torch.ones(1, T, dtype=torch.bool), margin=0.2)
+    assert float(bad) > 1.0  # reversed order is penalised by the sampled pairs too
