@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,17 @@ class MomentSample:
     meta: dict  # qid, vid, query, duration, clip_len, relevant_windows, relevant_clip_ids, saliency_scores
     video: np.ndarray  # (T, Dv) float16
     text: np.ndarray  # (L, Dt) float16
+
+
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """np.load of .npy bytes, one thread at a time: numpy parses the header with ast.literal_eval, and
+    CPython 3.11 before its fix for gh-106905 can fail ast calls made from several threads at once
+    ("AST constructor recursion depth mismatch") — the loader's read-ahead thread is one of them."""
+    with _NPY_HEADER_LOCK:
+        return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -55,8 +67,8 @@ def decode(raw: dict) -> MomentSample:
         raise SampleError(f"{where}: missing member(s) {missing}")
     try:
         meta = json.loads(raw["json"])
-        video = np.load(io.BytesIO(raw["video.npy"]), allow_pickle=False)
-        text = np.load(io.BytesIO(raw["text.npy"]), allow_pickle=False)
+        video = load_npy(raw["video.npy"])
+        text = load_npy(raw["text.npy"])
     except Exception as e:  # corrupt bytes of any kind
         raise SampleError(f"{where}: cannot decode ({type(e).__name__}: {e})") from None
     if video.ndim != 2 or text.ndim != 2:
@@ -122,7 +134,7 @@ def decode_sample(raw: dict) -> Sample:
             if ext == "json":
                 sample.meta = json.loads(data)
             elif ext.endswith(".npy"):
-                sample.arrays[ext[: -len(".npy")]] = np.load(io.BytesIO(data), allow_pickle=False)
+                sample.arrays[ext[: -len(".npy")]] = load_npy(data)
             else:
                 sample.files[ext] = data
         except Exception as e:  # corrupt bytes of any kind

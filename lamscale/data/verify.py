@@ -23,7 +23,7 @@ from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
 from lamscale import storage
-from lamscale.data.schema import IMAGE_EXTENSIONS, IMAGE_MEMBER, members_match
+from lamscale.data.schema import IMAGE_EXTENSIONS, IMAGE_MEMBER, load_npy, members_match
 
 
 def load_manifest(url: str) -> dict:
@@ -78,7 +78,7 @@ def sample_problems(raw: dict, members: list[str], dims: dict[str, int]) -> list
                 if not isinstance(json.loads(raw[ext]), dict):
                     problems.append("json is not an object")
             elif ext.endswith(".npy"):
-                problems += _array_problems(ext, np.load(io.BytesIO(raw[ext]), allow_pickle=False), dims.get(ext[: -len(".npy")]))
+                problems += _array_problems(ext, load_npy(raw[ext]), dims.get(ext[: -len(".npy")]))
             elif ext in IMAGE_EXTENSIONS:
                 with Image.open(io.BytesIO(raw[ext])) as image:
                     image.load()

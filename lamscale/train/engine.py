@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import warnings
 
 import torch
 
@@ -18,7 +19,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": micro * t.grad_accum * world_size,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": {"stage": t.zero_stage, "stage3_param_persistence_threshold": t.zero3_param_persistence},
         "bf16": {"enabled": t.precision == "bf16"},
         "steps_per_print": 10**9,  # we print our own progress line
         "wall_clock_breakdown": False,
@@ -45,6 +46,12 @@ def _quiet_cpu_deepspeed() -> None:
     ds_torch_comm.build_shm_op = lambda: None
 
 
+def partitioned(engine) -> tuple[int, int]:
+    """(parameters ZeRO-3 holds only a shard of on this rank, all parameters)."""
+    params = list(engine.module.parameters())
+    return sum(hasattr(p, "ds_numel") and not getattr(p, "ds_persist", False) for p in params), len(params)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: matrices decay; biases, norms and every parameter a module lists in its
     `no_weight_decay()` (embedding and position tables, the LAM key tables, as timm does) do not —
@@ -59,6 +66,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, use_gpu: bool):
+    # DeepSpeed 0.19 gathers with torch's deprecated all_gather_into_tensor: a FutureWarning from every
+    # rank that no user can act on (DeepSpeed's to fix), so it is silenced for that one message only.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     if not use_gpu:
         _quiet_cpu_deepspeed()
     import deepspeed

@@ -22,7 +22,7 @@ from lamscale.tasks.qvhighlights_metrics import evaluate as official_metrics
 from lamscale.train.checkpoint import CheckpointStore, committed_steps
 from lamscale.train import faults
 from lamscale.train.collectives import Collectives
-from lamscale.train.engine import build_engine
+from lamscale.train.engine import build_engine, partitioned
 from lamscale.train.monitor import Monitor, RateWindow
 from lamscale.train.preempt import StopFlag
 
@@ -48,6 +48,8 @@ class Trainer:
         self.monitor = Monitor(run_url, self.step, cfg.train.max_steps) if rank == 0 else None
         self.say(f"{'resumed at' if steps else 'starting at'} step {self.step}/{cfg.train.max_steps} "
                  f"({world} workers, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision})")
+        if cfg.train.zero_stage == 3:
+            self.say("ZeRO-3 shards {} of {} parameters across ranks".format(*partitioned(self.engine)))
 
     def say(self, line: str) -> None:
         if self.rank == 0:

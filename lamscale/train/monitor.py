@@ -55,8 +55,8 @@ class Monitor:
     def __init__(self, run_url: str, start_step: int, total_steps: int):
         self.remote = None if storage.is_local(run_url) else storage.join(run_url, "tb")
         log_dir = os.path.join(storage.local_path(run_url), "tb") if self.remote is None else tempfile.mkdtemp(prefix="lamscale-tb-")
-        # purge_step hides events a killed run wrote after its last checkpoint
-        self.writer = SummaryWriter(log_dir, purge_step=start_step if start_step > 0 else None)
+        # purge_step hides events a killed run wrote after its last checkpoint (the checkpoint's own step stays)
+        self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step > 0 else None)
         self.log_dir, self.total = log_dir, total_steps
         self.start_step, self.start_time = start_step, time.time()
 

@@ -124,7 +124,7 @@ def test_tensorboard_has_scalars_and_mask_images(runs):
     tags = acc.Tags()
     for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s",
                 "perf/step_time_s", "perf/rss_gib", "perf/data_wait_share",
-                "val/MR-full-mAP", "val/HL-min-VeryGood-mAP", "perf/checkpoint_save_s"):
+                "val/MR-full-mAP", "val/HL-min-VeryGood-mAP", "perf/checkpoint_save_s", "data/truncated", "data/skipped"):
         assert tag in tags["scalars"], tags["scalars"]
     assert {"lam_mask/layer_0", "lam_mask/layer_1"} <= set(tags["images"])
     assert {"lam_mask_values/layer_0", "lam_mask_values/layer_1"} <= set(tags["histograms"])
