@@ -30,6 +30,11 @@ def register(shards_sub: argparse._SubParsersAction) -> None:
         b.add_argument(f"--{kind}-dim", type=int, default=None, help=f"expected {kind} feature dim (default: official or first sample's)")
     b.add_argument("--clip-len", type=float, default=None, help="qvhighlights: seconds per feature clip (default 2.0)")
     b.add_argument("--fps", type=float, default=None, help="mad: feature frames per second (default 5)")
+    b.add_argument("--num-classes", type=int, default=None, help="idx: labels must be below this (default 10)")
+    b.add_argument("--max-per-class", default="",
+                   help="idx: a balanced subset, at most N images per class: N for every split, or train=600,test=100")
+    b.add_argument("--subset-seed", type=int, default=None,
+                   help="idx: pick the --max-per-class images at random with this seed (default: the first N in file order)")
     b.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
     b.set_defaults(func=_cmd_build)
 
@@ -55,11 +60,36 @@ def options(args: argparse.Namespace) -> BuildOptions:
         raise ValueError(f"--{next(iter(bad))}-dim: {next(iter(bad.values()))} is not a positive dim")
     if args.max_per_shard is not None and args.max_per_shard <= 0:
         raise ValueError(f"--max-per-shard: {args.max_per_shard} is not a positive count")
+    idx_only = {"--num-classes": args.num_classes is not None, "--max-per-class": bool(args.max_per_class),
+                "--subset-seed": args.subset_seed is not None}
+    given = [name for name, on in idx_only.items() if on]
+    if given and args.format != "idx":
+        raise ValueError(f"{given[0]}: only --format idx takes it, not {args.format}")
+    if args.subset_seed is not None and not args.max_per_class:
+        raise ValueError(f"--subset-seed {args.subset_seed}: it picks the --max-per-class subset, and no --max-per-class is given")
     return BuildOptions(input=args.input.expanduser().resolve(), out=args.out, splits=_list(args.splits),
                         annotations=[Path(a) for a in _list(args.annotations) or []] or None,
                         video_features=_list(args.video_features), text_features=args.text_features or None,
                         audio_features=args.audio_features or None, dims=dims, clip_len=args.clip_len, fps=args.fps,
-                        shard_size=parse_size(args.shard_size), max_per_shard=args.max_per_shard, overwrite=args.overwrite)
+                        shard_size=parse_size(args.shard_size), max_per_shard=args.max_per_shard, overwrite=args.overwrite,
+                        num_classes=args.num_classes, max_per_class=per_split_counts(args.max_per_class),
+                        subset_seed=args.subset_seed)
+
+
+def per_split_counts(text: str) -> dict[str, int] | None:
+    """`--max-per-class`: `600` (every split, key "*") or `train=600,test=100`."""
+    if not text.strip():
+        return None
+    counts = {}
+    for part in text.split(","):
+        split, sep, value = part.strip().rpartition("=")
+        split = split.strip() if sep else "*"
+        if not (value.strip().isascii() and value.strip().isdigit()) or int(value) <= 0 or (sep and not split):
+            raise ValueError(f"--max-per-class: {part.strip()!r} is not a positive count N or SPLIT=N (e.g. train=600,test=100)")
+        if split in counts:
+            raise ValueError(f"--max-per-class: {split if split != '*' else 'the all-splits count'} is given twice")
+        counts[split] = int(value)
+    return counts
 
 
 def summary(result: BuildResult) -> list[str]:

@@ -1,6 +1,6 @@
 """Build WebDataset shards from an official dataset release (DESIGN.md §3): the common driver.
 
-A format module (qvhighlights, mad, imagefolder, msrvtt) reads a release folder into a `DatasetPlan`:
+A format module (qvhighlights, mad, imagefolder, msrvtt, idx) reads a release folder into a `DatasetPlan`:
 per split, the list of input items and a `load(item) -> Sample` that raises `Reject` for an input it
 cannot turn into a sample. The driver validates every array (finite, fits float16, 2-d, the dataset's
 feature dims), writes the shards, `rejects.jsonl` (every input not written, with its reason) and
@@ -21,7 +21,7 @@ from lamscale import storage
 from lamscale.data.schema import IMAGE_EXTENSIONS, SCHEMA_VERSION, Sample, encode_sample, safe_key
 from lamscale.data.writer import ShardWriter, write_manifest
 
-FORMAT_NAMES = ("qvhighlights", "mad", "imagefolder", "msrvtt")
+FORMAT_NAMES = ("qvhighlights", "mad", "imagefolder", "msrvtt", "idx")
 REJECTS_FILE = "rejects.jsonl"
 
 
@@ -69,6 +69,9 @@ class BuildOptions:
     shard_size: int = 256 * 10**6
     max_per_shard: int | None = None
     overwrite: bool = False
+    num_classes: int | None = None  # idx: labels must be below it (default 10)
+    max_per_class: dict[str, int] | None = None  # idx: split (or "*" for all) → at most this many images per class
+    subset_seed: int | None = None  # idx: pick the max_per_class images at random with this seed (default: the first N)
 
     def path(self, value: str | Path) -> Path:
         """An input path: absolute as given, else relative to the release folder."""
@@ -84,9 +87,10 @@ class BuildResult:
 
 
 def formats() -> dict[str, Callable[[BuildOptions], DatasetPlan]]:
-    from lamscale.data.builders import imagefolder, mad, msrvtt, qvhighlights
+    from lamscale.data.builders import idx, imagefolder, mad, msrvtt, qvhighlights
 
-    return {"qvhighlights": qvhighlights.plan, "mad": mad.plan, "imagefolder": imagefolder.plan, "msrvtt": msrvtt.plan}
+    return {"qvhighlights": qvhighlights.plan, "mad": mad.plan, "imagefolder": imagefolder.plan, "msrvtt": msrvtt.plan,
+            "idx": idx.plan}
 
 
 # --- input lookup and validation shared by the formats --------------------------------------------------------------------
