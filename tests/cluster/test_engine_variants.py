@@ -53,6 +53,6 @@ def test_zero3_partitions_trains_evaluates_and_resumes_bit_exact(repo_root, samp
     assert sorted(want) == list(range(1, 7)) and got == {5: want[5], 6: want[6]}  # after the resume: bit for bit
     # eval and the LAM mask images ran inside the engine's forward, where ZeRO-3 gathers parameters
     image = acc.Images("lam_mask/layer_1")[-1]
-    assert image.width == image.height == 107  # 75 clips + 32 query tokens at most, every token drawn
+    assert 75 < image.width == image.height <= 107  # the first val sample's 75 clips + its query tokens
     metrics = [json.loads((run / "metrics_val.json").read_text()) for run in (tmp_path / "reference", resumed)]
     assert metrics[0]["step"] == 6 and metrics[0] == metrics[1]
