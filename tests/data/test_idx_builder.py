@@ -99,7 +99,7 @@ def test_round_trip_keys_in_official_order(tmp_path, capsys):
 def test_balanced_subset_first_n_per_class(tmp_path, capsys):
     write_release(tmp_path / "release")
     out = tmp_path / "first"
-    code, _, _ = build(capsys, tmp_path / "release", "--format", "idx", "--out", out, "--max-per-class", "train=2,test=1")
+    code, _, _ = build(capsys, tmp_path / "release", "--format", "idx", "--out", out, "--max-per-class", "train=2,t10k=1")
     assert code == 0
     manifest, samples = read_back(out)
     # train: the first two of classes 0-3 (hand-picked above); test: the first 9, 2, 5 and 0 are items 0, 1, 3, 5

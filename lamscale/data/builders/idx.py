@@ -103,7 +103,8 @@ class IdxLoader:
 def _per_class(opts: BuildOptions, split: str) -> int | None:
     if not opts.max_per_class:
         return None
-    return opts.max_per_class.get(split, opts.max_per_class.get("*"))
+    counts = {PREFIX_SPLIT.get(s, s): n for s, n in opts.max_per_class.items()}  # t10k=100 means test=100
+    return counts.get(split, counts.get("*"))
 
 
 def plan(opts: BuildOptions) -> DatasetPlan:
@@ -114,7 +115,7 @@ def plan(opts: BuildOptions) -> DatasetPlan:
     if not splits:
         raise FileNotFoundError(f"{opts.input}: no idx files (expected train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz] "
                                 f"and/or t10k-images-idx3-ubyte[.gz] + t10k-labels-idx1-ubyte[.gz])")
-    unknown = sorted(set(opts.max_per_class or {}) - {"*", *splits})
+    unknown = sorted({PREFIX_SPLIT.get(s, s) for s in opts.max_per_class or {}} - {"*", *splits})
     if unknown:
         raise ValueError(f"--max-per-class: split {unknown[0]!r} is not one being built ({', '.join(splits)})")
     data, size, files = {}, None, {}
@@ -155,6 +156,6 @@ def plan(opts: BuildOptions) -> DatasetPlan:
         "subset": None if not opts.max_per_class else {
             "max_per_class": {s: _per_class(opts, s) for s in splits}, "seed": opts.subset_seed,
             "rule": "first N of each class in file order" if opts.subset_seed is None else "seeded random N of each class"},
-        "class_counts": class_counts,  # inputs per class in range, written + rejected
+        "class_counts": class_counts,  # per class, the images chosen (all written: their labels are in range)
     }
     return DatasetPlan(plans, "image", {}, extra)
