@@ -87,7 +87,7 @@ class ShardWriter:
             self._close_shard()
         if self._tar is None:
             self._buf, self._count = io.BytesIO(), 0
-            self._tar = wds.TarWriter(self._buf, mtime=0.0)
+            self._tar = wds.TarWriter(self._buf, mtime=0)
         self._tar.write(raw)
         self._count += 1
 

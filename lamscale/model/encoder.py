@@ -129,22 +129,12 @@ class Encoder(nn.Module):
             x = checkpoint(blk, x, valid, positions, use_reentrant=False) if recompute else blk(x, valid, positions)
         return self.norm(x)[:, : video.shape[1]]
 
-    @contextmanager
-    def capture_masks(self, sample: int = 0, max_tokens: int = 512) -> Iterator[list[tuple[int, Tensor]]]:
+    def capture_masks(self, sample: int = 0, max_tokens: int = 512):
         """Inside the block, forwards record [(layer, M)]: sample `sample`'s mask (Hm, n, n) over its
         valid tokens (clips first, then text), evenly subsampled to at most `max_tokens` (a movie's
         36k×36k map would not fit). The masks come from the model's own forward, so they are right
         under ZeRO-3, whose parameters exist only inside the engine's forward. float32, on the CPU."""
-        maps: list[tuple[int, Tensor]] = []
-        self._capture = _MaskCapture(sample, max_tokens)
-        hooks = [blk.attn.mask_gen.register_forward_hook(partial(self._capture.keep, maps, i))
-                 for i, blk in enumerate(self.blocks) if blk.attn.mask_gen is not None]
-        try:
-            yield maps
-        finally:
-            self._capture = None
-            for hook in hooks:
-                hook.remove()
+        return capture_masks(self, sample, max_tokens)
 
     @torch.no_grad()
     def mask_maps(self, video: Tensor, video_valid: Tensor, text: Tensor, text_valid: Tensor, sample: int = 0,
@@ -160,6 +150,21 @@ class Encoder(nn.Module):
         finally:
             self.train(was_training)
         return maps
+
+
+@contextmanager
+def capture_masks(model: nn.Module, sample: int, max_tokens: int) -> Iterator[list[tuple[int, Tensor]]]:
+    """Hooks on the mask generators of `model.blocks`; `model.forward` calls `model._capture.select(valid)`."""
+    maps: list[tuple[int, Tensor]] = []
+    model._capture = _MaskCapture(sample, max_tokens)
+    hooks = [blk.attn.mask_gen.register_forward_hook(partial(model._capture.keep, maps, i))
+             for i, blk in enumerate(model.blocks) if blk.attn.mask_gen is not None]
+    try:
+        yield maps
+    finally:
+        model._capture = None
+        for hook in hooks:
+            hook.remove()
 
 
 class _MaskCapture:
