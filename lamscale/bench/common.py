@@ -10,7 +10,9 @@ faults on each step (about +50 % on an encoder step here), which no real run pay
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import resource
+import socket
 import statistics
 import time
 import traceback
@@ -150,6 +152,22 @@ def measure_paired(builds: list[Case], device: str, warmup: int = 1, rounds: int
     """
     return _in_fresh_process(_paired_child, (builds, device, warmup, rounds, threads or torch.get_num_threads()),
                              device, timeout)
+
+
+def single_process_group(device: str) -> None:
+    """A torch.distributed world of one in this (fresh, per-case) process, for DeepSpeed's engine:
+    gloo on CPU, NCCL on a GPU, as Ray Train gives the trainer."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # DeepSpeed reads the launcher's variables (LOCAL_RANK picks the GPU)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def environment(device: str) -> dict:

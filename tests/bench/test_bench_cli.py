@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_bench_attention_and_encoder_write_reports(repo_root, tmp_path):
-    for what, cases in (("attention", "sdpa-nomask,dense-mul,chunked-mul,sdpa-add"), ("encoder", "vanilla-sdpa,lam-mul-chunked")):
+    for what, cases in (("attention", "sdpa-nomask,dense-mul,chunked-mul,sdpa-add"), ("encoder", "vanilla-sdpa,lam-mul-chunked,lam-mul-deepspeed")):
         out = tmp_path / what
         result = subprocess.run([sys.executable, "-m", "lamscale", "bench", what, "--device", "cpu", "--lengths", "96",
                                  "--cases", cases, "--repeats", "1", "--out", str(out)],
@@ -22,5 +22,16 @@ def test_bench_attention_and_encoder_write_reports(repo_root, tmp_path):
         assert all("error" not in r and r["ms"] > 0 for r in report["rows"]), report["rows"]
         assert report["env"]["torch"].startswith("2.") and (tmp_path / f"{what}.png").stat().st_size > 10_000
         assert "| N | case |" in (tmp_path / f"{what}.md").read_text()
-        if what == "encoder":  # the LAM variant is also timed interleaved with vanilla in one process
-            assert report["rows"][1]["x_vanilla_paired"] > 0, report["rows"]
+        if what == "encoder":  # the LAM variants are also timed interleaved with vanilla in one process
+            assert all(r["x_vanilla_paired"] > 0 for r in report["rows"][1:]), report["rows"]
+            # the trainer's step: the engine lamscale.train.engine builds, bf16 and ZeRO-2 (checked in the case)
+            assert report["settings"]["variants (lam.layers, lam.combine, backend, step)"]["lam-mul-deepspeed"][3] == "deepspeed-bf16"
+
+
+def test_bench_encoder_names_an_unknown_variant(repo_root):
+    result = subprocess.run([sys.executable, "-m", "lamscale", "bench", "encoder", "--device", "cpu", "--lengths", "96",
+                             "--cases", "vanilla-sdpa,lam-mul-zero9"], cwd=repo_root, env=lamscale_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "lamscale: error: bench encoder --cases: unknown variant lam-mul-zero9; expected some of "
+        "vanilla-sdpa,vanilla-chunked,lam-mul-chunked,lam-mul-cpp,lam-add-sdpa,lam-mul-triton,lam-mul-deepspeed"], result.stderr
