@@ -17,6 +17,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from lamscale.tasks.settings import TASK_CONFIGS, ClassificationConfig, MomentRetrievalConfig, TaskConfig  # noqa: F401
+
 
 class ConfigError(ValueError):
     """Bad configuration; the message is one line naming the file/key/value."""
@@ -72,18 +74,6 @@ class DataConfig:
 
 
 @dataclass
-class TaskConfig:
-    name: Literal["moment_retrieval"] = "moment_retrieval"
-    w_focal: float = 1.0
-    w_l1: float = 1.0
-    w_giou: float = 1.0
-    w_saliency: float = 1.0
-    saliency_margin: float = 0.2
-    nms_iou: float = 0.7
-    max_windows: int = 10
-
-
-@dataclass
 class TrainConfig:
     max_steps: int = 300
     lr: float = 1e-3
@@ -93,6 +83,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     zero_stage: int = 2
+    zero3_param_persistence: int = 100_000  # ZeRO-3 keeps parameters under this many elements whole on every rank
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
     log_every: int = 10
@@ -122,7 +113,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TaskConfig = field(default_factory=MomentRetrievalConfig)  # task.name picks the dataclass
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -210,6 +201,8 @@ def _build(cls: type, data: Any, prefix: str, raw: dict[str, str] | None = None)
         if key not in names:
             raise ConfigError(f"unknown key '{full}' (known under '{prefix or '<top>'}': {', '.join(names)})")
         hint = hints[key]
+        if hint is TaskConfig:  # each task has its own dataclass, picked by task.name
+            hint = _task_config_class(value, full)
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, full, raw)
         elif hint is str and full in raw:  # run.name=2024 is a name, not a number
@@ -217,6 +210,13 @@ def _build(cls: type, data: Any, prefix: str, raw: dict[str, str] | None = None)
         else:
             kwargs[key] = _check_value(full, value, hint)
     return cls(**kwargs)
+
+
+def _task_config_class(section: Any, prefix: str) -> type:
+    name = section.get("name", "moment_retrieval") if isinstance(section, dict) else None
+    if name not in TASK_CONFIGS:
+        raise ConfigError(f"{prefix}.name: unknown task {name!r}; expected one of {sorted(TASK_CONFIGS)}")
+    return TASK_CONFIGS[name]
 
 
 def _apply_override(tree: dict, item: str, raw_values: dict[str, str]) -> None:
@@ -260,9 +260,6 @@ def validate(cfg: Config) -> None:
         "model.lam.rank": (lam.rank, ">0"), "model.lam.hidden": (lam.hidden, ">0"),
         "model.lam.max_len": (lam.max_len, ">0"), "model.lam.block": (lam.block, ">0"),
         "data.batch_size": (cfg.data.batch_size, ">0"), "data.clip_len": (cfg.data.clip_len, ">0"),
-        "task.w_focal": (task.w_focal, ">=0"), "task.w_l1": (task.w_l1, ">=0"), "task.w_giou": (task.w_giou, ">=0"),
-        "task.w_saliency": (task.w_saliency, ">=0"), "task.saliency_margin": (task.saliency_margin, ">=0"),
-        "task.nms_iou": (task.nms_iou, "(0,1]"), "task.max_windows": (task.max_windows, ">0"),
         "train.max_steps": (t.max_steps, ">0"), "train.lr": (t.lr, ">0"), "train.weight_decay": (t.weight_decay, ">=0"),
         "train.warmup_steps": (t.warmup_steps, ">=0"), "train.min_lr_ratio": (t.min_lr_ratio, "[0,1]"),
         "train.grad_clip": (t.grad_clip, ">=0"), "train.grad_accum": (t.grad_accum, ">0"), "train.seed": (t.seed, ">=0"),
@@ -275,9 +272,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dim: {m.dim} is not divisible by model.heads={m.heads}")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage: expected 0, 1, 2 or 3, got {t.zero_stage}")
-    seq = m.max_clips + m.max_text
-    if lam.key == "position" and lam.max_len < seq:
-        raise ConfigError(f"model.lam.max_len: {lam.max_len} < sequence length {seq} (max_clips + max_text)")
+    task.validate(cfg)
     if isinstance(lam.layers, list):
         if not lam.layers:  # an empty list silently trained the baseline
             raise ConfigError("model.lam.layers: [] puts the mask in no layer; write `none` for the baseline "

@@ -7,12 +7,11 @@ import os
 import tempfile
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 
 from lamscale.bench.common import environment, markdown_table
 from lamscale.bench.seaweedfs import SeaweedFS
-from lamscale.data.loader import LoaderSpec, TrainLoader, collate_moments
+from lamscale.data.loader import LoaderSpec, TrainLoader
 from lamscale.data.reader import ReadOptions
 
 PATTERN = "train-{000000..000003}.tar"
@@ -30,7 +29,11 @@ def sample_shards() -> Path:
 
 def read_once(spec: LoaderSpec, workers: int, batches: int) -> tuple[int, float, float]:
     """(samples, seconds, seconds to the first batch) for `batches` batches from a fresh loader."""
-    collate = partial(collate_moments, max_clips=75, max_text=32, trim=False)  # the trainer's batch (configs/tiny.yaml)
+    from lamscale.config import load_config
+    from lamscale.tasks import get_task
+
+    task = get_task(load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"))
+    collate = task.collate  # the trainer's batch (configs/tiny.yaml: max_clips 75, max_text 32)
     t0 = time.perf_counter()
     samples, first = 0, 0.0
     for i, batch in enumerate(TrainLoader(spec, 0, 1, workers, collate)):

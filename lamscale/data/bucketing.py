@@ -7,35 +7,28 @@ pool's start) plus the batches already emitted from that pool: restoring it repl
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import random
-from typing import TYPE_CHECKING, Iterator
-
-from lamscale.data.schema import MomentSample
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     from lamscale.data.stream import TrainStream
-    from lamscale.tasks.moment_retrieval import MomentBatch
+
+Size = Callable[[Any], tuple[int, ...]]  # a sample's padded extent per axis (SampleOps.size)
 
 
-def sample_size(sample: MomentSample, max_clips: int, max_text: int) -> tuple[int, int]:
-    """(clips, text tokens) the sample occupies in a batch."""
-    return min(len(sample.video), max_clips), min(len(sample.text), max_text)
-
-
-def budget_batches(pool: list[MomentSample], budget: int, max_clips: int, max_text: int) -> list[list[MomentSample]]:
-    """Split `pool` into batches of similar length whose padded size B × (clips + text) stays ≤ `budget`."""
-    ordered = sorted(pool, key=lambda s: sample_size(s, max_clips, max_text))  # stable: ties keep stream order
-    batches: list[list[MomentSample]] = []
-    current: list[MomentSample] = []
-    widest = (0, 0)
+def budget_batches(pool: list[Any], budget: int, size: Size) -> list[list[Any]]:
+    """Split `pool` into batches of similar length whose padded size B × (sum of axes) stays ≤ `budget`."""
+    ordered = sorted(pool, key=size)  # stable: ties keep stream order
+    batches: list[list[Any]] = []
+    current: list[Any] = []
+    widest: tuple[int, ...] = ()
     for sample in ordered:
-        clips, text = sample_size(sample, max_clips, max_text)
-        wider = (max(widest[0], clips), max(widest[1], text))
+        extent = size(sample)
+        wider = tuple(max(a, b) for a, b in zip(widest, extent)) if widest else extent
         if current and (len(current) + 1) * sum(wider) > budget:
             batches.append(current)
-            current, wider = [], (clips, text)
+            current, wider = [], extent
         current.append(sample)
         widest = wider
     if current:
@@ -46,10 +39,8 @@ def budget_batches(pool: list[MomentSample], budget: int, max_clips: int, max_te
 class Batcher:
     """Lists of samples from `stream`, with a `state_dict()` that restores the exact next batch."""
 
-    def __init__(self, stream: TrainStream, batch_size: int, token_budget: int = 0, pool: int = 1024,
-                 max_clips: int = 1 << 30, max_text: int = 1 << 30):
+    def __init__(self, stream: TrainStream, batch_size: int, token_budget: int = 0, pool: int = 1024):
         self.stream, self.batch_size, self.budget, self.pool = stream, batch_size, token_budget, pool
-        self.max_clips, self.max_text = max_clips, max_text
         self.cut, self.done = stream.state_dict(), 0
 
     def state_dict(self) -> dict:
@@ -59,15 +50,15 @@ class Batcher:
         self.stream.load_state_dict(state["stream"])
         self.cut, self.done = self.stream.state_dict(), int(state["done"])
 
-    def _pool_batches(self, samples: Iterator[MomentSample]) -> list[list[MomentSample]]:
+    def _pool_batches(self, samples: Iterator[Any]) -> list[list[Any]]:
         if not self.budget:
             return [list(itertools.islice(samples, self.batch_size))]
-        batches = budget_batches(list(itertools.islice(samples, self.pool)), self.budget, self.max_clips, self.max_text)
+        batches = budget_batches(list(itertools.islice(samples, self.pool)), self.budget, self.stream.ops.size)
         cut = self.cut
         random.Random(f"{self.stream.name}-pool-{cut['epoch']}-{cut['offset']}").shuffle(batches)
         return batches
 
-    def __iter__(self) -> Iterator[list[MomentSample]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         samples = iter(self.stream)
         while True:
             self.cut = self.stream.state_dict()
@@ -80,11 +71,3 @@ class Batcher:
                     self.done = i + 1
                 yield batches[i]
             self.done = 0
-
-
-def trim_padding(batch: MomentBatch) -> MomentBatch:
-    """Drop the padding columns no sample of the batch uses (collate pads to model.max_clips/max_text)."""
-    clips, text = int(batch.video_valid.sum(1).max()), int(batch.text_valid.sum(1).max())
-    per_clip = ("video", "video_valid", "foreground", "offsets", "saliency")
-    return dataclasses.replace(batch, **{k: getattr(batch, k)[:, :clips] for k in per_clip},
-                               text=batch.text[:, :text], text_valid=batch.text_valid[:, :text])

@@ -14,20 +14,18 @@ import queue
 import threading
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lamscale.config import Config
-from lamscale.data.bucketing import Batcher, trim_padding
-from lamscale.data.batch import LengthLimit
+from lamscale.data.bucketing import Batcher
+from lamscale.data.ops import SampleOps, VideoOps
 from lamscale.data.reader import COUNTED, DataError, ReadOptions
-from lamscale.data.schema import MomentSample
 from lamscale.data.stream import TrainStream
 from lamscale.storage import StorageError
 
-Collate = Callable[[list[MomentSample]], Any]
+Collate = Callable[[list[Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -40,26 +38,19 @@ class LoaderSpec:
     shuffle_buffer: int = 256
     token_budget: int = 0  # > 0: length-bucketed batches of at most this many padded tokens
     bucket_pool: int = 1024
-    window: int = 0  # > 0: training windows of this many clips around a target moment
-    max_clips: int = 1 << 30
-    max_text: int = 1 << 30
     options: ReadOptions = field(default_factory=ReadOptions)
-    truncate: bool = False  # samples over max_clips/max_text: cut and counted (else an error naming them)
+    ops: SampleOps = field(default_factory=VideoOps)  # the task's decode / training draw / length limits / size
 
     @classmethod
-    def from_config(cls, cfg: Config) -> LoaderSpec:
-        d, m = cfg.data, cfg.model
-        options = ReadOptions(d.on_error, d.allow_pipe, d.read_retry_s, d.read_block_kib)
-        return cls(d.train, cfg.train.seed, d.batch_size, d.shuffle_buffer, d.token_budget, d.bucket_pool, d.window,
-                   m.max_clips, m.max_text, options, d.truncate)
+    def from_config(cls, cfg: Config, ops: SampleOps) -> LoaderSpec:
+        d = cfg.data
+        return cls(d.train, cfg.train.seed, d.batch_size, d.shuffle_buffer, d.token_budget, d.bucket_pool,
+                   read_options(cfg), ops)
 
 
-def collate_moments(samples: list[MomentSample], max_clips: int, max_text: int, trim: bool):
-    """The trainer's batch; `trim` drops unused padding (token-budget batches are of similar length)."""
-    from lamscale.tasks.moment_retrieval import collate
-
-    batch = collate(samples, max_clips, max_text)
-    return trim_padding(batch) if trim else batch
+def read_options(cfg: Config) -> ReadOptions:
+    d = cfg.data
+    return ReadOptions(d.on_error, d.allow_pipe, d.read_retry_s, d.read_block_kib)
 
 
 def worker_batches(spec: LoaderSpec, rank: int, world: int, worker: int, workers: int, position: dict | None,
@@ -67,8 +58,8 @@ def worker_batches(spec: LoaderSpec, rank: int, world: int, worker: int, workers
     """(worker, batch, position after it, skip counts) forever; a data error ends it with (worker, None, message, None)."""
     try:
         stream = TrainStream(spec.pattern, rank, world, spec.seed, spec.shuffle_buffer, worker, workers, spec.options,
-                             spec.window, LengthLimit(spec.max_clips, spec.max_text, spec.truncate))
-        batcher = Batcher(stream, spec.batch_size, spec.token_budget, spec.bucket_pool, spec.max_clips, spec.max_text)
+                             spec.ops)
+        batcher = Batcher(stream, spec.batch_size, spec.token_budget, spec.bucket_pool)
         if position is not None:
             batcher.load_state_dict(position)
         for samples in batcher:
@@ -106,10 +97,9 @@ class TrainLoader:
         self.next = 0  # the stream whose batch comes next
 
     @classmethod
-    def from_config(cls, cfg: Config, rank: int, world: int) -> TrainLoader:
-        m, d = cfg.model, cfg.data
-        collate = partial(collate_moments, max_clips=m.max_clips, max_text=m.max_text, trim=d.token_budget > 0)
-        return cls(LoaderSpec.from_config(cfg), rank, world, d.workers, collate)
+    def from_config(cls, cfg: Config, rank: int, world: int, ops: SampleOps, collate: Collate) -> TrainLoader:
+        """The rank's loader over data.train; `ops` and `collate` come from the task (picklable)."""
+        return cls(LoaderSpec.from_config(cfg, ops), rank, world, cfg.data.workers, collate)
 
     def state_dict(self) -> dict:
         return {"version": 2, "streams": self.streams, "next": self.next, "positions": list(self.positions),

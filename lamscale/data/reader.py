@@ -8,12 +8,12 @@ import sys
 import tarfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from lamscale import storage
-from lamscale.data.schema import MomentSample, SampleError, decode
+from lamscale.data.schema import SampleError, decode
 
 PIPE = "pipe:"
 SKIP_KINDS = ("samples", "shards")  # a corrupt sample; a shard cut short (the rest of it is lost)
@@ -152,7 +152,10 @@ def tar_members(url: str, options: ReadOptions) -> Iterator[dict]:
 SkipHook = Callable[[str, str], None]  # (kind, one-line message)
 
 
-def shard_samples(url: str, options: ReadOptions, on_skip: SkipHook) -> Iterator[MomentSample]:
+Decode = Callable[[dict], Any]  # raw members → a sample (SampleError when it cannot)
+
+
+def shard_samples(url: str, options: ReadOptions, on_skip: SkipHook, decode: Decode = decode) -> Iterator[Any]:
     """Decoded samples of one shard, bad ones raised or skipped per `options.on_error`."""
     try:
         for raw in group_by_keys(tar_members(url, options)):
@@ -168,9 +171,10 @@ def shard_samples(url: str, options: ReadOptions, on_skip: SkipHook) -> Iterator
         on_skip("shards", str(e))
 
 
-def read_samples(urls: list[str], options: ReadOptions, on_skip: SkipHook | None = None) -> Iterator[MomentSample]:
+def read_samples(urls: list[str], options: ReadOptions, on_skip: SkipHook | None = None,
+                 decode: Decode = decode) -> Iterator[Any]:
     for url in urls:
-        yield from shard_samples(url, options, on_skip or print_skip)
+        yield from shard_samples(url, options, on_skip or print_skip, decode)
 
 
 def print_skip(kind: str, message: str) -> None:

@@ -3,16 +3,14 @@ shuffle, and a position (`state_dict`) that lets a resumed run see exactly the s
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from typing import Any, Iterator
 
 import braceexpand
 
 from lamscale import storage
-from lamscale.data import windows
-from lamscale.data.batch import LengthLimit
+from lamscale.data.ops import SampleOps, VideoOps, sample_rng
 from lamscale.data.reader import (COUNTED, DataError, ReadOptions, is_pipe, print_skip, read_samples, refuse_pipe,
                                    shard_samples)
-from lamscale.data.schema import MomentSample
 
 
 def expand_urls(pattern: str) -> list[str]:
@@ -48,8 +46,8 @@ def check_shards(pattern: str, key: str) -> list[str]:
     return urls
 
 
-def iter_samples(urls: list[str], options: ReadOptions = ReadOptions()) -> Iterator[MomentSample]:
-    return read_samples(urls, options)
+def iter_samples(urls: list[str], options: ReadOptions = ReadOptions(), ops: SampleOps = VideoOps()) -> Iterator[Any]:
+    return read_samples(urls, options, decode=ops.decode)
 
 
 def split(order: list[str], parts: list[tuple[int, int]]) -> tuple[list[str], list[tuple[int, int]]]:
@@ -72,18 +70,18 @@ class TrainStream:
     """An endless sample stream over epochs for one (rank, loader worker).
 
     Epoch e: shards are permuted by Random((seed, e)); rank r takes its part, then worker w its part of
-    that (`split`); a buffer shuffle seeded by (seed, e, r[, w]) follows; long videos are cut to a random
-    `window` (`windows.crop`). The position is (epoch, samples emitted this epoch); restoring it replays
-    the epoch's reads up to there, so it is exact. The state also pins the epoch's shard list and the
+    that (`split`); a buffer shuffle seeded by (seed, e, r[, w]) follows; each sample gets its training
+    draw (`ops.prepare`: a window, an augmentation) from Random((seed, e, key)). The position is (epoch,
+    samples emitted this epoch); restoring it replays the epoch's reads up to there, so it is exact. The state also pins the epoch's shard list and the
     read cursor (shard index, samples read from it), checked after the replay, and the skip counts.
     """
 
     def __init__(self, pattern: str, rank: int, world: int, seed: int, buffer: int, worker: int = 0, workers: int = 1,
-                 options: ReadOptions = ReadOptions(), window: int = 0, limit: LengthLimit = LengthLimit()):
+                 options: ReadOptions = ReadOptions(), ops: SampleOps = VideoOps()):
         self.urls = expand_urls(pattern)
         refuse_pipe(self.urls, "data.train", options.allow_pipe)
         self.rank, self.world, self.worker, self.workers = rank, world, worker, workers
-        self.seed, self.buffer, self.options, self.window, self.limit = seed, buffer, options, window, limit
+        self.seed, self.buffer, self.options, self.ops = seed, buffer, options, ops
         self.name = f"{seed}-{rank}" if workers == 1 else f"{seed}-{rank}-{worker}"  # seeds other draws of this stream
         self.epoch, self.offset, self.cursor = 0, 0, [0, 0]
         self.skipped_before = dict.fromkeys(COUNTED, 0)  # counted in the epochs before this one
@@ -127,10 +125,10 @@ class TrainStream:
         if not self._quiet:  # a replay after resume meets the same bad data again: it was reported then
             print_skip(kind, message)
 
-    def _read(self, shards: list[str], filters: list[tuple[int, int]], epoch: int) -> Iterator[MomentSample]:
+    def _read(self, shards: list[str], filters: list[tuple[int, int]], epoch: int) -> Iterator[Any]:
         seen = [0] * len(filters)
         for index, url in enumerate(shards):
-            for n, sample in enumerate(shard_samples(url, self.options, self._skip)):
+            for n, sample in enumerate(shard_samples(url, self.options, self._skip, self.ops.decode)):
                 self._reading = [index, n + 1]
                 keep = True
                 for f, (k, parts) in enumerate(filters):
@@ -138,16 +136,15 @@ class TrainStream:
                     if not keep:
                         break
                 if keep:
-                    sample = windows.crop(sample, self.window, windows.window_rng(self.seed, epoch, sample.key))
-                    sample, cut = self.limit.fit(sample, url)
+                    sample, cut = self.ops.prepare(sample, sample_rng(self.seed, epoch, sample.key), url)
                     if cut:
-                        self._skip("truncated", f"{url}: sample {sample.key!r} cut to model.max_clips/max_text")
+                        self._skip("truncated", f"{url}: sample {sample.key!r} cut to the model's length limits")
                     yield sample
 
-    def _epoch_samples(self, epoch: int) -> Iterator[tuple[MomentSample, list[int]]]:
+    def _epoch_samples(self, epoch: int) -> Iterator[tuple[Any, list[int]]]:
         worker = f"-{self.worker}" if self.workers > 1 else ""  # one worker: the seeds of the single-process stream
         rng = random.Random(f"{self.seed}-{epoch}-{self.rank}{worker}")
-        pool: list[MomentSample] = []
+        pool: list[Any] = []
         for sample in self._read(*self.epoch_split(epoch), epoch):
             pool.append(sample)
             if len(pool) >= self.buffer:
@@ -156,7 +153,7 @@ class TrainStream:
         for sample in pool:
             yield sample, self._reading
 
-    def __iter__(self) -> Iterator[MomentSample]:
+    def __iter__(self) -> Iterator[Any]:
         while True:
             skip, produced = self.offset, 0
             self.skipped_now = dict.fromkeys(COUNTED, 0)
@@ -185,16 +182,16 @@ class TrainStream:
 
 
 def eval_samples(pattern: str, rank: int, world: int, options: ReadOptions = ReadOptions(),
-                 limit: LengthLimit = LengthLimit(), counts: dict | None = None) -> Iterator[MomentSample]:
-    """Every sample of the split exactly once across ranks (sample i goes to rank i % world), fitted to
-    `limit`; samples it cut are counted in `counts["truncated"]`."""
+                 ops: SampleOps = VideoOps(), counts: dict | None = None) -> Iterator[Any]:
+    """Every sample of the split exactly once across ranks (sample i goes to rank i % world), prepared
+    without a training draw; samples cut to the model's limits are counted in `counts["truncated"]`."""
     urls = expand_urls(pattern)
     refuse_pipe(urls, "data.val", options.allow_pipe)
     i = 0
     for url in urls:
-        for sample in shard_samples(url, options, print_skip):
+        for sample in shard_samples(url, options, print_skip, ops.decode):
             if i % world == rank:
-                sample, cut = limit.fit(sample, url)
+                sample, cut = ops.prepare(sample, None, url)
                 if cut and counts is not None:
                     counts["truncated"] = counts.get("truncated", 0) + 1
                 yield sample

@@ -5,15 +5,21 @@ end (in units of the padded video length L = max_clips · clip_len) and a salien
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from lamscale.config import TaskConfig
-from lamscale.data.batch import pad_stack
+from lamscale.data.batch import LengthLimit, pad_stack
+from lamscale.data.ops import VideoOps
 from lamscale.data.schema import MomentSample
+from lamscale.tasks import register
+from lamscale.tasks.base import Task
+from lamscale.tasks.qvhighlights_metrics import evaluate
 
 
 @dataclass
@@ -33,6 +39,17 @@ class MomentBatch:
     @property
     def tokens(self) -> int:
         return int(self.video_valid.sum() + self.text_valid.sum())
+
+    def to(self, device: torch.device) -> "MomentBatch":
+        tensors = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name != "meta"}
+        return MomentBatch(**tensors, meta=self.meta)
+
+    def trimmed(self) -> "MomentBatch":
+        """Without the padding columns no sample uses (collate pads to model.max_clips/max_text)."""
+        clips, text = int(self.video_valid.sum(1).max()), int(self.text_valid.sum(1).max())
+        per_clip = ("video", "video_valid", "foreground", "offsets", "saliency")
+        return dataclasses.replace(self, **{k: getattr(self, k)[:, :clips] for k in per_clip},
+                                   text=self.text[:, :text], text_valid=self.text_valid[:, :text])
 
 
 def collate(samples: list[MomentSample], max_clips: int, max_text: int) -> MomentBatch:
@@ -180,3 +197,43 @@ def random_predictions(metas: list[dict], cfg: TaskConfig, clip_len: float, seed
                     "pred_relevant_windows": sorted(windows, key=lambda w: -w[2]),
                     "pred_saliency_scores": [round(float(x), 4) for x in torch.rand(n_clips, generator=g)]})
     return out
+
+
+@register
+class MomentRetrieval(Task):
+    """QVHighlights: moment retrieval + highlight detection over clip features and a text query."""
+
+    name = "moment_retrieval"
+    primary = "MR-full-mAP"
+    record_id = "qid"
+
+    def sample_ops(self) -> VideoOps:
+        m, d = self.cfg.model, self.cfg.data
+        return VideoOps(d.window, LengthLimit(m.max_clips, m.max_text, d.truncate))
+
+    def collate(self, samples: list[MomentSample]) -> MomentBatch:
+        batch = collate(samples, self.cfg.model.max_clips, self.cfg.model.max_text)
+        return batch.trimmed() if self.cfg.data.token_budget > 0 else batch  # budget batches: similar lengths
+
+    def build_model(self) -> nn.Module:
+        from lamscale.model.moment import MomentModel
+
+        return MomentModel(self.cfg.model)
+
+    def loss(self, out: dict, batch: MomentBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        return losses(out, batch, self.cfg.task)
+
+    def predict(self, out: dict, batch: MomentBatch) -> list[dict]:
+        return decode(out, batch, self.cfg.task)
+
+    def ground_truth(self, batch: MomentBatch) -> list[dict]:
+        return [ground_truth(meta) for meta in batch.meta]
+
+    def metrics(self, predictions: list[dict], truths: list[dict]) -> dict:
+        return evaluate(predictions, truths)
+
+    def chance(self, truths: list[dict]) -> list[dict]:
+        return random_predictions(truths, self.cfg.task, self.cfg.data.clip_len)
+
+    def headline(self) -> list[str]:
+        return ["MR-full-mAP", "HL-min-VeryGood-mAP"]

@@ -5,20 +5,17 @@ import json
 import time
 from contextlib import nullcontext
 from itertools import islice
-from typing import Iterator
+from typing import Any, Iterator
 
 import psutil
 import torch
 
 from lamscale import storage
 from lamscale.config import Config, from_dict
-from lamscale.data.batch import LengthLimit
-from lamscale.data.loader import TrainLoader
+from lamscale.data.loader import TrainLoader, read_options
 from lamscale.data.reader import COUNTED, DataError, SKIP_KINDS
 from lamscale.data.stream import eval_samples
-from lamscale.model.moment import MomentModel
-from lamscale.tasks import moment_retrieval as task
-from lamscale.tasks.qvhighlights_metrics import evaluate as official_metrics
+from lamscale.tasks import get_task
 from lamscale.train.checkpoint import CheckpointStore, committed_steps
 from lamscale.train import faults
 from lamscale.train.collectives import Collectives
@@ -30,11 +27,13 @@ from lamscale.train.preempt import StopFlag
 class Trainer:
     def __init__(self, cfg: Config, run_url: str, rank: int, world: int, use_gpu: bool):
         self.cfg, self.run_url, self.rank, self.world = cfg, run_url, rank, world
+        self.task = get_task(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.engine = build_engine(MomentModel(cfg.model), cfg, world, use_gpu)
+        self.engine = build_engine(self.task.build_model(), cfg, world, use_gpu)
         self.comm = Collectives(self.engine.device)  # NCCL on GPUs: control values live on the engine's device
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        self.loader = TrainLoader.from_config(cfg, rank, world)  # data.workers processes, exact position
+        # data.workers processes, exact position; the task decodes, draws, limits and collates
+        self.loader = TrainLoader.from_config(cfg, rank, world, self.task.sample_ops(), self.task.collate)
         self.store = CheckpointStore(run_url, rank, world, cfg.train.keep_last, self.comm)
         self.step, self.samples_seen, self.tokens_seen = 0, 0, 0
         self.chance: dict | None = None  # metrics of random predictions, computed at the first eval
@@ -65,8 +64,9 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(batches)
             window.waited(time.perf_counter() - t0)
-            out = self.engine(*[x.to(self.engine.device) for x in batch.inputs(self.dtype)])
-            loss, parts = task.losses(out, _to(batch, self.engine.device), self.cfg.task)
+            batch = batch.to(self.engine.device)
+            out = self.engine(*batch.inputs(self.dtype))
+            loss, parts = self.task.loss(out, batch)
             self.engine.backward(loss)
             self.engine.step()
             window.add(len(batch.meta), batch.tokens)
@@ -111,13 +111,12 @@ class Trainer:
                                          "rss_gib": psutil.Process().memory_info().rss / 2**30}, "perf/")
         self.say(self.monitor.progress(self.step, values[0], lr, rates["samples_per_s"]))
 
-    def eval_batches(self, counts: dict) -> Iterator[task.MomentBatch | None]:
+    def eval_batches(self, counts: dict) -> Iterator[Any]:
         """This rank's share of the val split, streamed in batches; then None until every rank is done."""
-        m, d = self.cfg.model, self.cfg.data
-        samples = eval_samples(d.val, self.rank, self.world, self.loader.spec.options,
-                               LengthLimit(m.max_clips, m.max_text, d.truncate), counts)
+        d = self.cfg.data
+        samples = eval_samples(d.val, self.rank, self.world, read_options(self.cfg), self.task.sample_ops(), counts)
         while chunk := list(islice(samples, d.batch_size)):
-            yield task.collate(chunk, m.max_clips, m.max_text)
+            yield self.task.collate(chunk)
         while True:
             yield None
 
@@ -133,35 +132,34 @@ class Trainer:
                 raise DataError(f"data.val: rank {self.rank} of {self.world} got no val sample; the split needs at "
                                 f"least {self.world} samples")
             # a rank whose share ran out repeats its last batch: ZeRO-3 gathers need every rank's forward
-            inputs = [x.to(self.engine.device) for x in (batch or last).inputs(self.dtype)]
+            current = (batch or last).to(self.engine.device)
             draw = i == 0 and self.rank == 0 and self.cfg.train.mask_images
-            with self.engine.module.encoder.capture_masks() if draw else nullcontext([]) as captured:
-                out = self.engine(*inputs)
+            with self.task.capture_masks(self.engine.module) if draw else nullcontext([]) as captured:
+                out = self.engine(*current.inputs(self.dtype))
             maps = captured if draw else maps
             if batch is not None:
-                predictions += task.decode(out, batch, self.cfg.task)
-                truths += [task.ground_truth(meta) for meta in batch.meta]
+                predictions += self.task.predict(out, current)
+                truths += self.task.ground_truth(current)
                 last = batch
         gathered = self.comm.gather((predictions, truths, counts["truncated"]), self.world)
         self.engine.train()
         if self.monitor is None:
             return
-        predictions = sorted((p for ps, _, _ in gathered for p in ps), key=lambda p: p["qid"])
-        truths = sorted((g for _, gs, _ in gathered for g in gs), key=lambda g: g["qid"])
-        metrics = official_metrics(predictions, truths)
+        by_id = self.task.record_id
+        predictions = sorted((p for ps, _, _ in gathered for p in ps), key=lambda p: p[by_id])
+        truths = sorted((g for _, gs, _ in gathered for g in gs), key=lambda g: g[by_id])
+        metrics = self.task.metrics(predictions, truths)
         if self.chance is None:  # the val set never changes within a run: score chance once
-            self.chance = official_metrics(task.random_predictions(truths, self.cfg.task, self.cfg.data.clip_len), truths)
+            self.chance = self.task.metrics(self.task.chance(truths), truths)
             storage.write_bytes(storage.join(self.run_url, "metrics_val_random.json"), json.dumps(self.chance, indent=4).encode())
-        chance = self.chance
         lines = "".join(json.dumps(p) + "\n" for p in predictions)
         storage.write_bytes(storage.join(self.run_url, "predictions_val.jsonl"), lines.encode())
         report = {"step": self.step, **metrics}
         storage.write_bytes(storage.join(self.run_url, "metrics_val.json"), json.dumps(report, indent=4).encode())
-        brief = metrics["brief"]
-        self.monitor.scalars(self.step, {**brief, "truncated": sum(n for _, _, n in gathered)}, "val/")
+        self.monitor.scalars(self.step, {**metrics["brief"], "truncated": sum(n for _, _, n in gathered)}, "val/")
         self.monitor.mask_images(self.step, maps)
-        self.say(f"eval @ {self.step}: MR-full-mAP {brief['MR-full-mAP']:.2f} (chance {chance['brief']['MR-full-mAP']:.2f}) | "
-                 f"HL-min-VeryGood-mAP {brief['HL-min-VeryGood-mAP']:.2f} (chance {chance['brief']['HL-min-VeryGood-mAP']:.2f})")
+        self.monitor.images(self.step, self.task.images(metrics))
+        self.say(f"eval @ {self.step}: {self.task.eval_line(metrics, self.chance)}")
 
     def save(self) -> None:
         t0 = time.perf_counter()
@@ -172,11 +170,6 @@ class Trainer:
             self.monitor.sync()
         self.say(f"checkpoint step {self.step} committed ({time.perf_counter() - t0:.1f}s)")
         faults.maybe_kill("after_commit", self.step, self.rank)
-
-
-def _to(batch: task.MomentBatch, device: torch.device) -> task.MomentBatch:
-    fields = {k: getattr(batch, k) for k in ("video", "video_valid", "text", "text_valid", "foreground", "offsets", "saliency")}
-    return task.MomentBatch(**{k: v.to(device) for k, v in fields.items()}, meta=batch.meta)
 
 
 def train_worker(payload: dict) -> None:

@@ -69,6 +69,10 @@ class Monitor:
             self.writer.add_image(f"lam_mask/layer_{layer}", heatmap(mask[0]), step, dataformats="HWC")
             self.writer.add_histogram(f"lam_mask_values/layer_{layer}", mask.float(), step)
 
+    def images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        for tag, image in images.items():  # HWC uint8
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
     def progress(self, step: int, loss: float, lr: float, samples_per_s: float) -> str:
         done = step - self.start_step
         elapsed = time.time() - self.start_time

@@ -12,7 +12,9 @@ import webdataset as wds
 
 from lamscale.config import ConfigError, load_config
 from lamscale.data.bucketing import budget_batches
-from lamscale.data.loader import LoaderSpec, TrainLoader, collate_moments
+from lamscale.data.batch import LengthLimit
+from lamscale.data.loader import LoaderSpec, TrainLoader
+from lamscale.data.ops import VideoOps
 from lamscale.data.reader import DataError, ReadOptions, read_samples
 from lamscale.data.schema import MomentSample, encode
 from lamscale.data.stream import TrainStream, eval_samples, expand_urls
@@ -105,7 +107,7 @@ def test_a_changed_shard_list_is_refused_at_resume(small):
 
 
 def test_token_budget_batches_fit_the_budget_cover_the_stream_and_resume(small):
-    s = spec(small, token_budget=800, bucket_pool=60, max_clips=75, max_text=32)
+    s = spec(small, token_budget=800, bucket_pool=60, ops=VideoOps(limit=LengthLimit(75, 32)))
     batches = take(TrainLoader(s, 0, 1, 2, keys), 16)
     size = {x.key: min(len(x.video), 75) + len(x.text) for x in eval_samples(s.pattern, 0, 1)}
     assert all(len(b) * max(size[k] for k in b) <= 800 for b in batches) and len({len(b) for b in batches}) > 1
@@ -126,12 +128,14 @@ def test_token_budget_batches_fit_the_budget_cover_the_stream_and_resume(small):
 
 def test_budget_batches_and_trimmed_padding(small):
     samples = list(eval_samples(f"{small}/{SMALL}", 0, 1))
-    batches = budget_batches(samples, 900, 75, 32)
+    batches = budget_batches(samples, 900, VideoOps(limit=LengthLimit(75, 32)).size)
     assert sorted(keys([s for b in batches for s in b])) == sorted(keys(samples))
     for b in batches:
         assert len(b) * (max(min(len(s.video), 75) for s in b) + max(len(s.text) for s in b)) <= 900
     short = [s for b in batches for s in b if len(s.text) < 10][:4]
-    batch = collate_moments(short, 75, 32, trim=True)
+    from lamscale.tasks.moment_retrieval import collate
+
+    batch = collate(short, 75, 32).trimmed()
     assert batch.text.shape[1] == max(len(s.text) for s in short) < 32
     assert batch.video_valid.all(1).any() and batch.foreground.shape == batch.video_valid.shape
 
@@ -162,7 +166,7 @@ def test_training_windows_hold_the_moment_and_are_seeded():
 
 
 def test_windowed_training_batches_resume_exactly(small):
-    s = spec(small, window=20, max_clips=75, max_text=32)
+    s = spec(small, ops=VideoOps(20, LengthLimit(75, 32)))
     windows = lambda samples: [(x.key, x.meta.get("window", [None])[0]) for x in samples]  # noqa: E731
     everything = take(TrainLoader(s, 0, 1, 0, windows), 12)
     assert all(len(s.video) > 20 for s in eval_samples(s.pattern, 0, 1))

@@ -75,6 +75,7 @@ def test_long_samples_are_refused_or_cut_and_counted(sample_shards):
     """A query longer than model.max_text (or a video longer than max_clips) is an error naming shard,
     key and length; with data.truncate it is cut and counted (train stream and eval), never silently."""
     from lamscale.data.batch import LengthLimit
+    from lamscale.data.ops import VideoOps
     from lamscale.data.reader import DataError
 
     pattern = f"{sample_shards}/{VAL}"
@@ -82,12 +83,12 @@ def test_long_samples_are_refused_or_cut_and_counted(sample_shards):
     long = {k for k, n in lengths.items() if n > 10}
     assert 0 < len(long) < len(lengths)
     with pytest.raises(DataError, match=r"val-00000\d\.tar: sample '[^']+' has 1\d text tokens, more than model.max_text=10"):
-        list(eval_samples(pattern, 0, 1, limit=LengthLimit(max_text=10)))
+        list(eval_samples(pattern, 0, 1, ops=VideoOps(limit=LengthLimit(max_text=10))))
     with pytest.raises(DataError, match=r"has 75 clips, more than model.max_clips=60"):
-        list(eval_samples(pattern, 0, 1, limit=LengthLimit(max_clips=60)))
+        list(eval_samples(pattern, 0, 1, ops=VideoOps(limit=LengthLimit(max_clips=60))))
     counts = {}
-    cut = list(eval_samples(pattern, 0, 1, limit=LengthLimit(max_text=10, truncate=True), counts=counts))
+    cut = list(eval_samples(pattern, 0, 1, ops=VideoOps(limit=LengthLimit(max_text=10, truncate=True)), counts=counts))
     assert counts["truncated"] == len(long) and len(cut) == len(lengths) and max(len(s.text) for s in cut) == 10
-    stream = TrainStream(pattern, 0, 1, seed=1, buffer=8, limit=LengthLimit(max_text=10, truncate=True))
+    stream = TrainStream(pattern, 0, 1, seed=1, buffer=8, ops=VideoOps(limit=LengthLimit(max_text=10, truncate=True)))
     first_epoch = list(itertools.islice(iter(stream), len(lengths)))
     assert {s.key for s in first_epoch} == set(lengths) and stream.skipped()["truncated"] == len(long)

@@ -1,0 +1,73 @@
+"""Each task's own config dataclass (the `task:` section); `task.name` picks it.
+
+Kept apart from the task modules so that loading a config imports no model or metric code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class TaskConfig:
+    name: str = "moment_retrieval"
+
+    def validate(self, cfg: Any) -> None:
+        """Ranges and cross-field checks against the whole run config; ConfigError names the key."""
+
+
+@dataclass
+class MomentRetrievalConfig(TaskConfig):
+    name: str = "moment_retrieval"
+    w_focal: float = 1.0
+    w_l1: float = 1.0
+    w_giou: float = 1.0
+    w_saliency: float = 1.0
+    saliency_margin: float = 0.2
+    nms_iou: float = 0.7
+    max_windows: int = 10
+
+    def validate(self, cfg: Any) -> None:
+        from lamscale.config import ConfigError, _check_ranges
+
+        _check_ranges({"task.w_focal": (self.w_focal, ">=0"), "task.w_l1": (self.w_l1, ">=0"),
+                       "task.w_giou": (self.w_giou, ">=0"), "task.w_saliency": (self.w_saliency, ">=0"),
+                       "task.saliency_margin": (self.saliency_margin, ">=0"), "task.nms_iou": (self.nms_iou, "(0,1]"),
+                       "task.max_windows": (self.max_windows, ">0")})
+        m = cfg.model
+        if m.lam.key == "position" and m.lam.max_len < m.max_clips + m.max_text:
+            raise ConfigError(f"model.lam.max_len: {m.lam.max_len} < sequence length {m.max_clips + m.max_text} "
+                              f"(max_clips + max_text)")
+
+
+@dataclass
+class ClassificationConfig(TaskConfig):
+    name: str = "classification"
+    num_classes: int = 10
+    image_size: int = 28  # square images of this side (pixels)
+    channels: int = 1  # 1 (grayscale) or 3 (RGB)
+    patch_size: int = 4
+    label_smoothing: float = 0.1
+    crop_padding: int = 4  # training draw: a random crop of the image padded by this many pixels (0: none)
+    hflip: bool = True  # training draw: a random horizontal flip
+    mean: float = 0.5  # pixel normalisation, after scaling to [0, 1]
+    std: float = 0.5
+
+    def validate(self, cfg: Any) -> None:
+        from lamscale.config import ConfigError, _check_ranges
+
+        _check_ranges({"task.num_classes": (self.num_classes, ">0"), "task.image_size": (self.image_size, ">0"),
+                       "task.patch_size": (self.patch_size, ">0"), "task.label_smoothing": (self.label_smoothing, "[0,1)"),
+                       "task.crop_padding": (self.crop_padding, ">=0"), "task.std": (self.std, ">0")})
+        if self.channels not in (1, 3):
+            raise ConfigError(f"task.channels: expected 1 or 3, got {self.channels}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"task.patch_size: {self.patch_size} does not divide task.image_size={self.image_size}")
+        tokens = 1 + (self.image_size // self.patch_size) ** 2
+        lam = cfg.model.lam
+        if lam.key == "position" and lam.max_len < tokens:
+            raise ConfigError(f"model.lam.max_len: {lam.max_len} < {tokens} tokens (CLS + (image_size/patch_size)²)")
+
+
+TASK_CONFIGS: dict[str, type[TaskConfig]] = {"moment_retrieval": MomentRetrievalConfig,
+                                             "classification": ClassificationConfig}
