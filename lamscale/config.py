@@ -93,6 +93,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     zero_stage: int = 2
+    zero3_param_persistence: int = 100_000  # ZeRO-3 keeps parameters under this many elements whole on every rank
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
     log_every: int = 10
@@ -273,6 +274,8 @@ def validate(cfg: Config) -> None:
     })
     if m.dim % m.heads:
         raise ConfigError(f"model.dim: {m.dim} is not divisible by model.heads={m.heads}")
+    if t.zero3_param_persistence < 0:
+        raise ConfigError(f"train.zero3_param_persistence: expected 0 or more elements, got {t.zero3_param_persistence}")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage: expected 0, 1, 2 or 3, got {t.zero_stage}")
     seq = m.max_clips + m.max_text
