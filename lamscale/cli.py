@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lamscale: error: {e}", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as e:
-        from lamscale.cluster.launch import RunFailed
+        from lamscale.cluster.launch import Interrupted, RunFailed
 
+        if isinstance(e, Interrupted):  # saved after Ctrl-C; the resume hint is printed: not a success
+            return 130
         if not isinstance(e, RunFailed):
             raise
         print(f"lamscale: error: {e}", file=sys.stderr, flush=True)

@@ -270,6 +270,8 @@ def validate(cfg: Config) -> None:
     })
     if m.dim % m.heads:
         raise ConfigError(f"model.dim: {m.dim} is not divisible by model.heads={m.heads}")
+    if t.zero3_param_persistence < 0:
+        raise ConfigError(f"train.zero3_param_persistence: expected 0 or more elements, got {t.zero3_param_persistence}")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage: expected 0, 1, 2 or 3, got {t.zero_stage}")
     task.validate(cfg)

@@ -7,6 +7,7 @@ process: s3fs instances are not fork-safe, and fsspec's instance cache is per pr
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Callable, TypeVar
 
@@ -63,7 +64,11 @@ def _transient(e: BaseException) -> bool:
 
 def retry(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T:
     """Call `fn`, retrying transient storage errors with exponential backoff (0.5 s doubling, at most
-    8 s apart) for up to `budget_s` seconds, so a store that restarts does not end the run."""
+    8 s apart) for up to `budget_s` seconds, so a store that restarts does not end the run.
+
+    With the run's budget (no `budget_s`), the first retry prints one line on stderr, so a store that is
+    down is not two silent minutes; short pre-flight budgets stay quiet (their error line follows soon)."""
+    announce = budget_s is None
     budget = retry_budget_s() if budget_s is None else budget_s
     deadline, delay, tries = time.monotonic() + budget, 0.5, 0
     while True:
@@ -75,6 +80,9 @@ def retry(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T:
                 first = str(e).splitlines()[0] if str(e) else ""
                 why = f"gave up after {tries} tries in {budget:.0f}s: " if _transient(e) else ""
                 raise StorageError(f"{what}: {why}{type(e).__name__}: {first}") from e
+            if announce and tries == 1:
+                print(f"[lamscale] retrying {what} for up to {budget:.0f}s: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr, flush=True)
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
 
@@ -84,7 +92,7 @@ def check_writable(url: str) -> None:
     try:
         fs, path = fs_for(url)
         fs.makedirs(path, exist_ok=True)
-        probe = join(path, ".lamscale-probe")
+        probe = join(path, f".lamscale-probe-{os.getpid()}-{time.monotonic_ns()}")  # two drivers may probe at once
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)

@@ -153,9 +153,13 @@ class RayHead:
     def start(self) -> None:
         gcs, dash, nm, om, rt, agent_grpc, agent_http, metrics, client = free_ports(9)
         venv_bin = str(Path(sys.executable).parent)
+        # On 127.0.0.1 only: Ray turns --node-ip-address=127.0.0.1 into the host's outside IP and listens on
+        # every interface unless it believes multi-node clusters are off (worker nodes that join this head
+        # need the default setting: `ray start --address` refuses to run with it).
         env = lamscale_env({"PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-                            **self.node_env})
-        cmd = [os.path.join(venv_bin, "ray"), "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **self.node_env})
+        cmd = [os.path.join(venv_bin, "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+               "--dashboard-host=127.0.0.1",
                f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={self.temp}",
                f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--runtime-env-agent-port={rt}",
                f"--dashboard-agent-grpc-port={agent_grpc}", f"--dashboard-agent-listen-port={agent_http}",

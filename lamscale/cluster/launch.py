@@ -5,12 +5,16 @@ import json
 import os
 import re
 import signal
+import threading
+import time
 from pathlib import Path
 
 import yaml
 
 from lamscale import storage
-from lamscale.config import Config, ConfigError
+from lamscale.cluster.lease import RunLease
+from lamscale.cluster.runs import clear_failed, mark_failed
+from lamscale.config import Config, ConfigError, resume_changes
 from lamscale.data.stream import absolute_pattern, check_shards, expand_urls
 from lamscale.train.checkpoint import committed_steps
 from lamscale.train.preempt import STOP_FILE, clear_stop, request_stop
@@ -59,8 +63,71 @@ def prepare(cfg: Config) -> str:
     _check_feature_dims(cfg)
     run_url = run_url_for(cfg)
     storage.check_writable(run_url)
-    storage.write_bytes(storage.join(run_url, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     return run_url
+
+
+def _check_resume(cfg: Config, run_url: str, steps: list[int]) -> None:
+    """A run with checkpoints resumes only under a config its checkpoints fit (model shape, data layout…)."""
+    stored_url = storage.join(run_url, "config.yaml")
+    if not steps or not storage.exists(stored_url):
+        return
+    changes = resume_changes(yaml.safe_load(storage.read_bytes(stored_url)) or {}, cfg)
+    if changes:
+        raise ConfigError(f"{run_url} resumes from step {steps[-1]}, whose checkpoint cannot take these changes: "
+                          f"{'; '.join(changes)}; put them back, or train a new run (another run.name)")
+
+
+def _check_local_resources(cfg: Config) -> None:
+    """Ray started here gets this machine only: more workers than it holds would queue forever (or, with
+    fractional CPUs, crowd dozens of processes onto a few cores)."""
+    c = cfg.cluster
+    cpus = os.cpu_count() or 1
+    if c.num_workers * c.cpus_per_worker > cpus:
+        raise ConfigError(f"cluster.num_workers={c.num_workers} x cluster.cpus_per_worker={c.cpus_per_worker:g} "
+                          f"needs {c.num_workers * c.cpus_per_worker:g} CPUs, this machine has {cpus}; lower them, "
+                          f"or train on a Ray cluster (--address)")
+    if c.use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if c.num_workers > gpus:
+            raise ConfigError(f"cluster.num_workers={c.num_workers} with cluster.use_gpu=true needs {c.num_workers} "
+                              f"GPUs, this machine has {gpus}")
+
+
+def _wait_for_cluster_resources(cfg: Config, address: str) -> None:
+    """On an existing cluster (which may be scaling up), wait a bounded time for the run's resources."""
+    import ray
+
+    c = cfg.cluster
+    need = {"CPU": c.num_workers * c.cpus_per_worker, **({"GPU": float(c.num_workers)} if c.use_gpu else {})}
+    budget = float(os.environ.get("LAMSCALE_RESOURCE_WAIT_S", "60"))
+    deadline, announced = time.monotonic() + budget, False
+    while True:
+        have = ray.cluster_resources()
+        short = {k: v for k, v in need.items() if have.get(k, 0.0) < v}
+        if not short:
+            return
+        text = ", ".join(f"{need[k]:g} {k}s (it has {have.get(k, 0.0):g})" for k in short)
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"the Ray cluster at {address} does not have the {text} that cluster.num_workers="
+                              f"{c.num_workers} x cluster.cpus_per_worker={c.cpus_per_worker:g}"
+                              f"{' (one GPU each)' if c.use_gpu else ''} need, after waiting {budget:.0f}s; "
+                              f"lower them or add nodes")
+        if not announced:
+            print(f"[lamscale] waiting up to {budget:.0f}s for the cluster to offer {text}", flush=True)
+            announced = True
+        time.sleep(2)
+
+
+def _loopback_only() -> None:
+    """Ray rewrites 127.0.0.1 (a node's address, or the cluster address a driver dials) into the host's
+    outside IP, and a node it starts listens on every interface, unless it believes multi-node clusters are
+    off (its setting for macOS/Windows). A cluster this process starts, or one on loopback, needs no more."""
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the raylet and GCS it starts read it too
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _start_ray(cfg: Config, address: str) -> None:
@@ -70,37 +137,67 @@ def _start_ray(cfg: Config, address: str) -> None:
         return
     # Ray Train's print patch would echo each worker line twice through its logger
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Ray Train's node-drain watcher (ours is the stop file) makes Ray log an E-level line about its
+    # actor's constructor arguments at every worker-group start; the driver propagates this to the controller
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # LAMSCALE_* settings (storage retry budget, test fault injection) reach every worker
     env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("LAMSCALE_")}}
     if address:
         from lamscale.cluster.jobs import use_local_auth_token
 
         use_local_auth_token()  # clusters started where a Ray auth token exists require it
+        if "://" not in address and address.rsplit(":", 1)[0].strip("[]") in ("127.0.0.1", "localhost", "::1"):
+            _loopback_only()  # else Ray dials this machine's outside IP, where a loopback-only cluster is not
         ray.init(address=address, log_to_driver=True, runtime_env=env)
-    else:  # a private in-process cluster sized for this run
+    else:  # a private in-process cluster sized for this run, on 127.0.0.1 only
+        _loopback_only()
         need = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999)
-        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
+        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, _node_ip_address="127.0.0.1",
                  object_store_memory=256 * 2**20, log_to_driver=True, runtime_env=env)
 
 
 def train(cfg: Config, address: str = "") -> str:
-    """Train (or resume) the run named by `cfg`; returns its URL."""
+    """Train (or resume) the run named by `cfg`; returns its URL. Everything that can be refused is
+    refused before Ray starts; one driver at a time holds the run (lamscale/cluster/lease.py)."""
+    address = address or cfg.cluster.address
     run_url = prepare(cfg)
-    steps = committed_steps(run_url)
-    if steps and steps[-1] >= cfg.train.max_steps and storage.exists(storage.join(run_url, "metrics_val.json")):
-        print(f"[lamscale] {run_url} is already complete (step {steps[-1]}); "
-              f"raise train.max_steps or pick another run.name to train more", flush=True)
-        return run_url
-    print(f"[lamscale] run {run_url}: " + (f"resuming from step {steps[-1]}" if steps else "new run"), flush=True)
+    if not address:
+        _check_local_resources(cfg)
+    lease = RunLease(run_url, local_ray=not address)
+    lease.acquire()
+    try:
+        steps = committed_steps(run_url)  # after the lease: the driver before us may have just committed
+        _check_resume(cfg, run_url, steps)
+        if steps and steps[-1] >= cfg.train.max_steps and storage.exists(storage.join(run_url, "metrics_val.json")):
+            print(f"[lamscale] {run_url} is already complete (step {steps[-1]}); "
+                  f"raise train.max_steps or pick another run.name to train more", flush=True)
+            return run_url
+        clear_failed(run_url)
+        storage.write_bytes(storage.join(run_url, "config.yaml"),
+                            yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        print(f"[lamscale] run {run_url}: " + (f"resuming from step {steps[-1]}" if steps else "new run"), flush=True)
+        try:
+            return _fit(cfg, run_url, address, lease)
+        except Interrupted:
+            raise
+        except Exception as e:  # `lamscale runs` then says "failed", not "new" or "incomplete"
+            mark_failed(run_url, " ".join(str(e).split())[:500] or type(e).__name__)
+            raise
+    finally:
+        lease.release()
 
+
+def _fit(cfg: Config, run_url: str, address: str, lease: RunLease) -> str:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from lamscale.train.loop import train_worker
 
-    _start_ray(cfg, address or cfg.cluster.address)
+    _start_ray(cfg, address)
+    lease.beat()  # records the raylet: a re-run after this driver is killed waits for it
+    if address:
+        _wait_for_cluster_resources(cfg, address)
     clear_stop(run_url)  # a request left by an earlier preempted run is spent
-    previous = signal.signal(signal.SIGTERM, lambda *_: _on_sigterm(run_url))
     c = cfg.cluster
     trainer = TorchTrainer(
         train_worker,
@@ -110,8 +207,10 @@ def train(cfg: Config, address: str = "") -> str:
         run_config=RunConfig(name="ray", storage_path=run_url if storage.is_local(run_url) else None,
                              failure_config=FailureConfig(max_failures=c.max_failures)),
     )
+    stop = _StopOnSignals(run_url)
     try:
-        trainer.fit()
+        with stop:
+            _fit_off_main_thread(trainer)
     except Exception as e:
         failures = getattr(e, "worker_failures", None)
         if failures is None:
@@ -119,13 +218,13 @@ def train(cfg: Config, address: str = "") -> str:
         rank, cause = _first_cause(failures)
         raise RunFailed(f"training failed on rank {rank}: {cause}; checkpoints committed before the failure are "
                         f"intact: fix the cause, then `lamscale resume {run_url}`") from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if storage.exists(storage.join(run_url, STOP_FILE)):
         clear_stop(run_url)
         steps = committed_steps(run_url)
         print(f"[lamscale] preempted: checkpoint step {steps[-1] if steps else 0} is committed in {run_url}; "
               f"resume with the same command or `lamscale resume {run_url}`", flush=True)
+        if stop.interrupted:
+            raise Interrupted(run_url)
         return run_url
     summary = storage.join(run_url, "metrics_val.json")
     if storage.exists(summary):
@@ -134,8 +233,58 @@ def train(cfg: Config, address: str = "") -> str:
     return run_url
 
 
+def _fit_off_main_thread(trainer) -> None:
+    """trainer.fit() in a helper thread: on the main thread Ray Train installs its own SIGINT handler, which
+    aborts the workers without a save and exits 0; here the main thread keeps ours (_StopOnSignals)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # re-raised on the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="lamscale-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # wakes for signal handlers
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+class _StopOnSignals:
+    """SIGTERM or Ctrl-C (SIGINT): save at the next step boundary, then exit (Ctrl-C: with status 130).
+    A second Ctrl-C aborts at once, without the save."""
+
+    def __init__(self, run_url: str):
+        self.run_url, self.interrupted, self.previous = run_url, False, {}
+
+    def __enter__(self) -> "_StopOnSignals":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
+        print(f"[lamscale] {name}: saving at the next step boundary, then exiting{again}", flush=True)
+        request_stop(self.run_url)
+
+
 class RunFailed(RuntimeError):
     """Training stopped on an error the workers could not recover from (one line for the user)."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C stopped the run after saving (the driver already said how to resume); exit status 130."""
 
 
 def _first_cause(failures: dict) -> tuple[int, str]:
@@ -144,11 +293,6 @@ def _first_cause(failures: dict) -> tuple[int, str]:
     lines = [line.strip() for line in str(failures[rank]).splitlines() if line.strip()]
     errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
     return rank, (errors or lines or [type(failures[rank]).__name__])[-1]
-
-
-def _on_sigterm(run_url: str) -> None:
-    print("[lamscale] SIGTERM: saving at the next step boundary, then exiting", flush=True)
-    request_stop(run_url)
 
 
 def load_run_config(run: str, overrides: list[str]) -> Config:

@@ -6,15 +6,36 @@ the checkpoints' commit markers, so a save that was killed never counts.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 
 import yaml
 
 from lamscale import storage
+from lamscale.cluster.lease import lease_state
 from lamscale.train.checkpoint import committed_steps
 from lamscale.train.preempt import STOP_FILE
 
 SHOWN_METRICS = ("MR-full-mAP", "HL-min-VeryGood-mAP")
+FAILED_FILE = "FAILED.json"  # the last driver on the run ended in an error (removed when one starts again)
+
+
+def mark_failed(run_url: str, error: str) -> None:
+    """Record that the driver ended in `error`; never raises (it runs on the way out of a failure)."""
+    url = storage.join(run_url, FAILED_FILE)
+    fs, path = storage.fs_for(url)
+    data = json.dumps({"time": time.time(), "error": error}).encode()
+    try:
+        storage.retry(lambda: fs.pipe_file(path, data), f"write {url}", 5.0)
+    except Exception:  # the store is down: the run's own error line says what happened
+        pass
+
+
+def clear_failed(run_url: str) -> None:
+    url = storage.join(run_url, FAILED_FILE)
+    if storage.exists(url):
+        fs, path = storage.fs_for(url)
+        fs.rm_file(path)
 
 
 @dataclass
@@ -25,7 +46,7 @@ class RunSummary:
     max_steps: int | None
     eval_step: int | None  # step of metrics_val.json
     metrics: dict[str, float] = field(default_factory=dict)  # metrics_val.json's "brief"
-    state: str = "new"  # new | incomplete | stopping | complete
+    state: str = "new"  # new | running | stopping | complete | failed | incomplete
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,8 +66,12 @@ def summarize(run_url: str) -> RunSummary:
     eval_step = report.get("step")
     if storage.exists(storage.join(run_url, STOP_FILE)):
         state = "stopping"
+    elif lease_state(run_url):
+        state = "running"
     elif step is not None and max_steps is not None and step >= max_steps and eval_step == step:
         state = "complete"
+    elif storage.exists(storage.join(run_url, FAILED_FILE)):
+        state = "failed"
     else:
         state = "incomplete" if step is not None else "new"
     return RunSummary(run_url.rstrip("/").rsplit("/", 1)[-1], run_url, step, max_steps, eval_step,

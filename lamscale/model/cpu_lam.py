@@ -9,11 +9,13 @@ first use (about half a minute, cached in TORCH_EXTENSIONS_DIR); without a C++ c
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -35,12 +37,31 @@ def load_kernel() -> None:
     if os.environ.get("LAMSCALE_CPU_ARCH", "native") == "native":
         flags.append("-march=native")  # the JIT build runs on the machine that will use it
     try:
-        load(name="lamscale_cpu_lam", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-             is_python_module=False, verbose=False)
+        with _build_lock() as build_dir:
+            # torch's own lock file (a FileBaton) is taken on every load and waited on forever; a process
+            # killed while holding it (a preempted worker) would hang every later run. Under our flock no
+            # other lamscale process is in load(), so a leftover torch lock is stale: remove it.
+            Path(build_dir, "lock").unlink(missing_ok=True)
+            load(name="lamscale_cpu_lam", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                 is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no headers, a broken toolchain…
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeError(f"model.lam.backend=cpp: building the C++ kernel failed ({first}); "
                            "use backend chunked, or auto") from e
+
+
+@contextlib.contextmanager
+def _build_lock() -> Iterator[str]:
+    """An OS file lock beside the kernel's build folder: released by the kernel when its holder dies."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build_dir = _get_build_directory("lamscale_cpu_lam", verbose=False)
+    with open(os.path.join(os.path.dirname(build_dir), "lamscale_cpu_lam.flock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield build_dir
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.lru_cache(maxsize=None)

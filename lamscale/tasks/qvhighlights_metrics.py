@@ -36,9 +36,23 @@ CLIP_SECONDS = 2
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
-    """One JSON object per non-blank line."""
+    """One JSON object per non-blank line; anything else raises ValueError naming the file and line."""
+    rows, number = [], 0
     with open(path, "r", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not JSON Lines ({e.msg}); expected one JSON object per line") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+                rows.append(row)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{number + 1}: not UTF-8 text; expected JSON Lines") from None
+    return rows
 
 
 def _pct(x: float) -> float:

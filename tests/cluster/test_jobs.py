@@ -18,14 +18,20 @@ TINY = ["train.max_steps=6", "train.ckpt_every=3", "train.eval_every=6", "train.
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A Ray head with the dashboard (Jobs API) on a free port; yields its http:// address."""
+def ray_head_node(tmp_path_factory):
+    """A Ray head (4 CPUs) with the dashboard (Jobs API) on a free port."""
     head = RayHead()
     try:
         head.start()
-        yield head.address
+        yield head
     finally:
         head.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_head(ray_head_node):
+    """The head's http:// (Jobs API) address."""
+    return ray_head_node.address
 
 
 def lamscale(repo_root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -108,3 +114,20 @@ def test_unreachable_cluster_and_bad_config_fail_in_one_line(repo_root, tmp_path
 def test_unknown_job_is_one_line(repo_root, ray_head):
     done = lamscale(repo_root, "status", "raysubmit_doesnotexist", "--address", ray_head, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "raysubmit_doesnotexist" in done.stderr, done.stderr
+
+
+def test_train_on_a_cluster_too_small_fails_in_one_line_and_runs_says_failed(repo_root, ray_head_node, tmp_path):
+    """`lamscale train --address` waits a bounded time for the workers' CPUs, then says what is missing; the
+    run, which never reached a checkpoint, is listed as failed (not new)."""
+    done = subprocess.run([sys.executable, "-m", "lamscale", "train", "configs/tiny.yaml", f"run.storage={tmp_path}",
+                           "run.name=small", "cluster.num_workers=5", "--address", ray_head_node.gcs_address],
+                          cwd=repo_root, env=lamscale_env({"LAMSCALE_RESOURCE_WAIT_S": "3"}), capture_output=True,
+                          text=True, timeout=180)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("lamscale: error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "does not have the 5 CPUs (it has 4)" in errors[0] and "after waiting 3s" in errors[0], errors
+    assert "waiting up to 3s for the cluster to offer 5 CPUs (it has 4)" in done.stdout, done.stdout[-2000:]
+    assert "RayTrainWorker" not in done.stdout + done.stderr  # refused before any training worker
+    listed = lamscale(repo_root, "runs", str(tmp_path))
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("small "))
+    assert row.split()[1:3] == ["-/300", "failed"], listed.stdout

@@ -1,19 +1,41 @@
-"""SIGTERM to the driver: every rank stops at the same step boundary, saves, the driver exits 0; resume continues."""
-import json
+"""SIGTERM, then Ctrl-C, to the driver: every rank stops at the same step boundary and saves; the driver exits
+0 after SIGTERM and 130 after Ctrl-C (scripts must not read an interrupted run as success); each re-run resumes."""
+import os
+import re
 import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from conftest import lamscale_env
+from lamscale.cluster.runs import summarize
 
 pytestmark = pytest.mark.slow
 SHORT = ["train.max_steps=40", "train.ckpt_every=100", "train.eval_every=100", "train.log_every=2",
          "data.batch_size=8", "run.name=preempt"]
 
 
-def test_sigterm_saves_exits_zero_and_resumes(repo_root, sample_shards, tmp_path):
+def _committed(run) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").iterdir() if (p / "commit.json").exists())
+
+
+def _listening(pid: int) -> set[str]:
+    """The addresses the driver's Ray processes listen on. torch's rendezvous store in the rank-0 worker binds
+    every interface whatever MASTER_ADDR says (not Ray's doing, and not settable), so it is left out."""
+    found = set()
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            worker = "RayTrainWorker" in " ".join(proc.cmdline())
+            found |= {c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+                      and not (worker and c.laddr.ip in ("::", "0.0.0.0"))}
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_sigterm_and_ctrl_c_save_exit_and_resume(repo_root, sample_shards, tmp_path):
     cmd = [sys.executable, "-m", "lamscale", "train", "configs/tiny.yaml", f"run.storage={tmp_path}", *SHORT]
     proc = subprocess.Popen(cmd, cwd=repo_root, env=lamscale_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -28,14 +50,32 @@ def test_sigterm_saves_exits_zero_and_resumes(repo_root, sample_shards, tmp_path
     assert proc.wait(300) == 0, out[-3000:]
     assert "stopped at step" in out and "preempted: checkpoint step" in out, out[-3000:]
     run = tmp_path / "preempt"
-    steps = sorted(p.name for p in (run / "checkpoints").iterdir() if (p / "commit.json").exists())
-    stopped = int(steps[-1].split("_")[1])
+    stopped = _committed(run)[-1]
     assert 4 <= stopped < 40
-    assert not (run / "STOP_REQUESTED").exists()
+    assert not (run / "STOP_REQUESTED").exists() and not (run / "LEASE.json").exists()
 
-    resumed = subprocess.run(cmd[:-len(SHORT)] + [*SHORT[1:], "train.max_steps=" + str(stopped + 2)], cwd=repo_root,
-                             env=lamscale_env(), capture_output=True, text=True, timeout=600)
-    out2 = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, out2[-3000:]
-    assert f"resumed at step {stopped}/{stopped + 2}" in out2
-    assert json.loads((run / "metrics_val.json").read_text())["step"] == stopped + 2
+    # the same command resumes; Ctrl-C in a terminal sends SIGINT to the whole process group
+    proc = subprocess.Popen(cmd, cwd=repo_root, env=lamscale_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines, addresses, state = [], set(), ""
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            step = re.search(r"step (\d+)/40 \(\d+%\)", line)  # a progress line
+            if step and int(step.group(1)) >= stopped + 2:  # logged every 2 steps; `stopped` may be odd
+                addresses, state = _listening(proc.pid), summarize(str(run)).state
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        lines += proc.stdout.readlines()
+        code = proc.wait(300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines)
+    assert f"resumed at step {stopped}/40" in out, out[-3000:]
+    assert code == 130, out[-3000:]
+    assert "Ctrl-C: saving at the next step boundary" in out and "preempted: checkpoint step" in out, out[-3000:]
+    assert _committed(run)[-1] >= stopped + 2, out[-3000:]
+    assert not (run / "STOP_REQUESTED").exists() and not (run / "LEASE.json").exists()
+    assert state == "running"  # `lamscale runs` while the driver held the run
+    assert addresses and addresses <= {"127.0.0.1", "::ffff:127.0.0.1"}, addresses  # Ray on 127.0.0.1 only

@@ -141,3 +141,20 @@ def test_auto_falls_back_to_chunked_when_the_kernel_cannot_load(monkeypatch) -> 
         assert select_backend(torch.device("cpu"), "mul", "none", 2048) == "chunked"
     finally:
         cpu_lam.kernel_available.cache_clear()
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_load(tmp_path):
+    """torch waits forever on its `lock` file; a worker killed inside load() leaves one behind. The next
+    load (here a fresh process with the same extensions folder) must still finish."""
+    import os
+    import subprocess
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build_dir = _get_build_directory("lamscale_cpu_lam", verbose=False)
+    open(os.path.join(build_dir, "lock"), "w").close()  # what a SIGKILLed holder leaves
+    probe = "from lamscale.model.cpu_lam import kernel_available; print(kernel_available())"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "True", result.stderr[-2000:]
+    assert not os.path.exists(os.path.join(build_dir, "lock"))
