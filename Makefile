@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install train test test-fast clean
+.PHONY: install train test test-fast clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
+
+# on a machine with one CUDA GPU: train tiny (NCCL, bf16, triton, ZeRO-2/3, a driver kill + resume) and the
+# cuda benchmarks, one summary block, < 8 min on an H200; outputs under $(OUT) if set. See docs/benchmarks.md.
+gpu-check: $(STAMP)
+	PYTHON=$(PY) launch/gpu_check.sh $(ARGS)
 
 clean:
 	rm -rf runs shards/tiny

@@ -48,12 +48,13 @@ def _alive(key: list) -> bool:
 
 def _ray_writers() -> list[list]:
     """The driver's raylet and Ray worker processes (`ray::…`): what may still write the run after the
-    driver dies. Ray's dashboard agents may outlive a killed driver but write nothing of ours."""
+    driver dies. Ray's dashboard and runtime-env agents (`ray::…Agent`) outlive a killed driver but write
+    nothing of ours."""
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
             cmd = " ".join(child.cmdline())
-            if cmd.startswith("ray::") or cmd.split(" ")[0].endswith("/raylet"):
+            if (cmd.startswith("ray::") and "Agent" not in cmd.split(" ")[0]) or cmd.split(" ")[0].endswith("/raylet"):
                 found.append(_process_key(child))
         except psutil.Error:
             continue

@@ -35,3 +35,24 @@ def test_bench_encoder_names_an_unknown_variant(repo_root):
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "lamscale: error: bench encoder --cases: unknown variant lam-mul-zero9; expected some of "
         "vanilla-sdpa,vanilla-chunked,lam-mul-chunked,lam-mul-cpp,lam-add-sdpa,lam-mul-triton,lam-mul-deepspeed"], result.stderr
+
+
+def test_gpu_check_plan_loads_and_refuses_without_a_gpu(repo_root, tmp_path):
+    """`make gpu-check` (launch/gpu_check.sh): --dry-run validates every override of its runs against today's
+    config schema; without a CUDA GPU the real mode checks nothing and says so, with a failing status."""
+    import torch
+
+    env = lamscale_env({"OUT": str(tmp_path / "gpu-check"), "PYTHON": sys.executable})
+    dry = subprocess.run(["bash", "launch/gpu_check.sh", "--dry-run"], cwd=repo_root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+    plan = dry.stdout
+    assert "DRY RUN: the configs load" in plan and "nothing was checked on a GPU" in plan
+    for needle in ("cluster.use_gpu=true", "model.lam.backend=triton", "train.precision=bf16", "train.zero_stage=3",
+                   "LAMSCALE_FAULT=after_step@170", "bench attention --device cuda", "lam-mul-deepspeed"):
+        assert needle in plan, (needle, plan)
+    if torch.cuda.is_available():
+        return  # the real mode would run the whole check here
+    real = subprocess.run(["bash", "launch/gpu_check.sh"], cwd=repo_root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert real.returncode == 2 and "torch sees no CUDA GPU" in real.stdout and "nothing was checked" in real.stdout

@@ -1,15 +1,17 @@
 """SIGTERM, then Ctrl-C, to the driver: every rank stops at the same step boundary and saves; the driver exits
 0 after SIGTERM and 130 after Ctrl-C (scripts must not read an interrupted run as success); each re-run resumes."""
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
 
-from conftest import lamscale_env
+from conftest import lamscale_env, training_workers
 from lamscale.cluster.runs import summarize
 
 pytestmark = pytest.mark.slow
@@ -35,6 +37,20 @@ def _listening(pid: int) -> set[str]:
     return found
 
 
+def _lease_records_the_writers(run, driver: int) -> bool:
+    """The run lease lists the driver's training workers and raylet (a re-run after a SIGKILL waits for
+    those), not Ray's agents, which outlive a killed driver; True once a heartbeat has recorded them."""
+    workers = {w.pid for w in training_workers(driver)}
+    agents = {c.pid for c in psutil.Process(driver).children(recursive=True) if "Agent" in " ".join(c.cmdline())}
+    deadline = time.time() + 15  # the heartbeat refreshes the list every 5 s
+    while time.time() < deadline:
+        recorded = {pid for pid, _ in json.loads((run / "LEASE.json").read_text())["procs"]}
+        if workers and workers <= recorded:
+            return not agents & recorded
+        time.sleep(0.5)
+    return False
+
+
 def test_sigterm_and_ctrl_c_save_exit_and_resume(repo_root, sample_shards, tmp_path):
     cmd = [sys.executable, "-m", "lamscale", "train", "configs/tiny.yaml", f"run.storage={tmp_path}", *SHORT]
     proc = subprocess.Popen(cmd, cwd=repo_root, env=lamscale_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -57,13 +73,14 @@ def test_sigterm_and_ctrl_c_save_exit_and_resume(repo_root, sample_shards, tmp_p
     # the same command resumes; Ctrl-C in a terminal sends SIGINT to the whole process group
     proc = subprocess.Popen(cmd, cwd=repo_root, env=lamscale_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    lines, addresses, state = [], set(), ""
+    lines, addresses, state, recorded = [], set(), "", False
     try:
         for line in proc.stdout:
             lines.append(line)
             step = re.search(r"step (\d+)/40 \(\d+%\)", line)  # a progress line
             if step and int(step.group(1)) >= stopped + 2:  # logged every 2 steps; `stopped` may be odd
                 addresses, state = _listening(proc.pid), summarize(str(run)).state
+                recorded = _lease_records_the_writers(run, proc.pid)
                 os.killpg(proc.pid, signal.SIGINT)
                 break
         lines += proc.stdout.readlines()
@@ -77,5 +94,5 @@ def test_sigterm_and_ctrl_c_save_exit_and_resume(repo_root, sample_shards, tmp_p
     assert "Ctrl-C: saving at the next step boundary" in out and "preempted: checkpoint step" in out, out[-3000:]
     assert _committed(run)[-1] >= stopped + 2, out[-3000:]
     assert not (run / "STOP_REQUESTED").exists() and not (run / "LEASE.json").exists()
-    assert state == "running"  # `lamscale runs` while the driver held the run
+    assert state == "running" and recorded  # `lamscale runs` while the driver held the run
     assert addresses and addresses <= {"127.0.0.1", "::ffff:127.0.0.1"}, addresses  # Ray on 127.0.0.1 only
