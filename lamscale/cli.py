@@ -26,6 +26,13 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from lamscale.cluster.launch import evaluate
+
+    evaluate(args.run, args.step, args.data, args.split, args.address)
+    return 0
+
+
 def _cmd_metrics(args: argparse.Namespace) -> int:
     from lamscale.tasks.qvhighlights_metrics import evaluate, load_jsonl
 
@@ -104,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*")
     r.add_argument("--address", default="")
     r.set_defaults(func=_cmd_resume)
+
+    e = sub.add_parser("eval", help="evaluate a committed checkpoint on a shard set (metrics + predictions into the run)")
+    e.add_argument("run", help="run folder or s3:// prefix")
+    e.add_argument("--step", type=int, default=None, help="committed step (default: the newest)")
+    e.add_argument("--data", default="", help="shard pattern to evaluate (default: the run's data.val)")
+    e.add_argument("--split", default="val", help="name in the outputs: predictions_<split>.jsonl, metrics_<split>.json")
+    e.add_argument("--address", default="")
+    e.set_defaults(func=_cmd_eval)
 
     m = sub.add_parser("metrics", help="official-equivalent evaluation of a predictions file")
     m.add_argument("dataset", choices=["qvhighlights"])

@@ -187,26 +187,73 @@ def train(cfg: Config, address: str = "") -> str:
         lease.release()
 
 
-def _fit(cfg: Config, run_url: str, address: str, lease: RunLease) -> str:
+def _torch_trainer(cfg: Config, run_url: str, address: str, lease: RunLease, worker, **payload):
+    """Ray started (or reached), the lease beating, and a TorchTrainer running `worker` on every rank."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from lamscale.train.loop import train_worker
 
     _start_ray(cfg, address)
     lease.beat()  # records the raylet: a re-run after this driver is killed waits for it
     if address:
         _wait_for_cluster_resources(cfg, address)
-    clear_stop(run_url)  # a request left by an earlier preempted run is spent
     c = cfg.cluster
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "driver_pid": os.getpid()},
+    return TorchTrainer(
+        worker,
+        train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "driver_pid": os.getpid(), **payload},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker}),
         run_config=RunConfig(name="ray", storage_path=run_url if storage.is_local(run_url) else None,
                              failure_config=FailureConfig(max_failures=c.max_failures)),
     )
+
+
+def evaluate(run: str, step: int | None = None, data: str = "", split: str = "val", address: str = "") -> dict:
+    """`lamscale eval`: a committed checkpoint of `run` (the newest by default) on `data` (default: the
+    run's data.val), on Ray workers like training; writes predictions_<split>.* and metrics_<split>.json."""
+    from lamscale.train.loop import eval_worker
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", split):
+        raise ConfigError(f"--split: {split!r} is not a plain name (letters, digits, '-', '_')")
+    cfg = load_run_config(run, [f"data.val={data}"] if data else [])
+    address = address or cfg.cluster.address
+    run_url = run_url_for(cfg)
+    cfg.data.val = absolute_pattern(cfg.data.val)
+    _ensure_sample(cfg)
+    check_shards(cfg.data.val, "--data" if data else "data.val")
+    steps = committed_steps(run_url)
+    if not steps:
+        raise ConfigError(f"{run}: no committed checkpoint to evaluate")
+    if step is not None and step not in steps:
+        raise ConfigError(f"--step {step}: not a committed checkpoint of {run} (committed: {steps})")
+    step = steps[-1] if step is None else step
+    if not address:
+        _check_local_resources(cfg)
+    lease = RunLease(run_url, local_ray=not address)
+    lease.acquire()  # no training run writes the same files meanwhile
+    try:
+        print(f"[lamscale] evaluating {run_url} step {step} on {cfg.data.val} as '{split}'", flush=True)
+        trainer = _torch_trainer(cfg, run_url, address, lease, eval_worker, step=step, split=split)
+        try:
+            _fit_off_main_thread(trainer)
+        except Exception as e:
+            failures = getattr(e, "worker_failures", None)
+            if failures is None:
+                raise
+            rank, cause = _first_cause(failures)
+            raise RunFailed(f"evaluation failed on rank {rank}: {cause}") from None
+    finally:
+        lease.release()
+    report = json.loads(storage.read_bytes(storage.join(run_url, f"metrics_{split}.json")))
+    print(f"[lamscale] wrote {storage.join(run_url, f'metrics_{split}.json')} and predictions_{split}.jsonl\n"
+          + json.dumps(report["brief"], indent=2), flush=True)
+    return report
+
+
+def _fit(cfg: Config, run_url: str, address: str, lease: RunLease) -> str:
+    from lamscale.train.loop import train_worker
+
+    trainer = _torch_trainer(cfg, run_url, address, lease, train_worker)
+    clear_stop(run_url)  # a request left by an earlier preempted run is spent
     stop = _StopOnSignals(run_url)
     try:
         with stop:

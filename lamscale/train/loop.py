@@ -25,7 +25,10 @@ from lamscale.train.preempt import StopFlag
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_url: str, rank: int, world: int, use_gpu: bool):
+    def __init__(self, cfg: Config, run_url: str, rank: int, world: int, use_gpu: bool, step: int | None = None,
+                 tensorboard: bool = True):
+        """Restores the newest committed checkpoint (or committed `step`); `tensorboard=False` (lamscale eval)
+        writes no events, so evaluating an old step never purges a run's later TensorBoard points."""
         self.cfg, self.run_url, self.rank, self.world = cfg, run_url, rank, world
         self.task = get_task(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -39,13 +42,14 @@ class Trainer:
         self.chance: dict | None = None  # metrics of random predictions, computed at the first eval
         self.stop = StopFlag(run_url, rank, self.comm)
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # per-rank dropout stream
-        steps = committed_steps(run_url)
+        steps = committed_steps(run_url) if step is None else [step]
         if steps:
             rank_state, trainer_state = self.store.load(self.engine, steps[-1])
             self.loader.load_state_dict(rank_state["stream"])
             self.step, self.samples_seen, self.tokens_seen = (trainer_state[k] for k in ("step", "samples", "tokens"))
-        self.monitor = Monitor(run_url, self.step, cfg.train.max_steps) if rank == 0 else None
-        self.say(f"{'resumed at' if steps else 'starting at'} step {self.step}/{cfg.train.max_steps} "
+        self.monitor = Monitor(run_url, self.step, cfg.train.max_steps) if rank == 0 and tensorboard else None
+        verb = ("resumed at" if tensorboard else "restored") if steps else "starting at"
+        self.say(f"{verb} step {self.step}/{cfg.train.max_steps} "
                  f"({world} workers, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision})")
         if cfg.train.zero_stage == 3:
             self.say("ZeRO-3 shards {} of {} parameters across ranks".format(*partitioned(self.engine)))
@@ -121,7 +125,9 @@ class Trainer:
             yield None
 
     @torch.no_grad()
-    def evaluate(self) -> None:
+    def evaluate(self, split: str = "val") -> dict | None:
+        """Predictions and official metrics of data.val, written as predictions_<split>.jsonl,
+        metrics_<split>.json (+ _random: chance level) into the run; returns the metrics on rank 0."""
         self.engine.eval()
         counts = {"truncated": 0}
         predictions, truths, maps, last = [], [], [], None
@@ -143,23 +149,26 @@ class Trainer:
                 last = batch
         gathered = self.comm.gather((predictions, truths, counts["truncated"]), self.world)
         self.engine.train()
-        if self.monitor is None:
-            return
+        if self.rank != 0:
+            return None
         by_id = self.task.record_id
         predictions = sorted((p for ps, _, _ in gathered for p in ps), key=lambda p: p[by_id])
         truths = sorted((g for _, gs, _ in gathered for g in gs), key=lambda g: g[by_id])
         metrics = self.task.metrics(predictions, truths)
         if self.chance is None:  # the val set never changes within a run: score chance once
             self.chance = self.task.metrics(self.task.chance(truths), truths)
-            storage.write_bytes(storage.join(self.run_url, "metrics_val_random.json"), json.dumps(self.chance, indent=4).encode())
+            storage.write_bytes(storage.join(self.run_url, f"metrics_{split}_random.json"), json.dumps(self.chance, indent=4).encode())
         lines = "".join(json.dumps(p) + "\n" for p in predictions)
-        storage.write_bytes(storage.join(self.run_url, "predictions_val.jsonl"), lines.encode())
+        storage.write_bytes(storage.join(self.run_url, f"predictions_{split}.jsonl"), lines.encode())
         report = {"step": self.step, **metrics}
-        storage.write_bytes(storage.join(self.run_url, "metrics_val.json"), json.dumps(report, indent=4).encode())
-        self.monitor.scalars(self.step, {**metrics["brief"], "truncated": sum(n for _, _, n in gathered)}, "val/")
-        self.monitor.mask_images(self.step, maps)
-        self.monitor.images(self.step, self.task.images(metrics))
-        self.say(f"eval @ {self.step}: {self.task.eval_line(metrics, self.chance)}")
+        storage.write_bytes(storage.join(self.run_url, f"metrics_{split}.json"), json.dumps(report, indent=4).encode())
+        if self.monitor is not None:
+            self.monitor.scalars(self.step, {**metrics["brief"], "truncated": sum(n for _, _, n in gathered)}, "val/")
+            self.monitor.mask_images(self.step, maps)
+            self.monitor.images(self.step, self.task.images(metrics))
+        label = "" if split == "val" else f" ({split})"
+        self.say(f"eval{label} @ {self.step}: {self.task.eval_line(metrics, self.chance)}")
+        return report
 
     def save(self) -> None:
         t0 = time.perf_counter()
@@ -180,3 +189,14 @@ def train_worker(payload: dict) -> None:
     cfg = from_dict(payload["config"])
     faults.arm(payload.get("driver_pid"))
     Trainer(cfg, payload["run_url"], ctx.get_world_rank(), ctx.get_world_size(), cfg.cluster.use_gpu).fit()
+
+
+def eval_worker(payload: dict) -> None:
+    """Ray Train entry point of `lamscale eval`: restore committed `step`, evaluate data.val as `split`."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    cfg = from_dict(payload["config"])
+    trainer = Trainer(cfg, payload["run_url"], ctx.get_world_rank(), ctx.get_world_size(), cfg.cluster.use_gpu,
+                      step=payload["step"], tensorboard=False)
+    trainer.evaluate(payload["split"])

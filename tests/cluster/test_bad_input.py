@@ -118,3 +118,17 @@ def test_unreachable_store_says_it_is_retrying_once(repo_root):
     rest = proc.communicate()[1]
     assert "retrying look up s3://lamscale-test/runs/config.yaml for up to 40s" in first, first + rest
     assert "retrying" not in rest, rest
+
+
+def test_eval_refuses_a_step_that_is_not_committed_and_a_bad_split(tmp_path, repo_root):
+    """`lamscale eval` checks its run, step and split before Ray starts: one line each."""
+    run = tmp_path / "r"
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000004" / "commit.json").write_text("{}")
+    (run / "config.yaml").write_text((repo_root / "configs" / "tiny.yaml").read_text())
+    for args, message in ((["--step", "3"], "--step 3: not a committed checkpoint of"),
+                          (["--split", "../x"], "--split: '../x' is not a plain name")):
+        result = subprocess.run([sys.executable, "-m", "lamscale", "eval", str(run), *args], cwd=repo_root,
+                                env=lamscale_env(), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -56,3 +56,9 @@ def test_zero3_partitions_trains_evaluates_and_resumes_bit_exact(repo_root, samp
     assert 75 < image.width == image.height <= 107  # the first val sample's 75 clips + its query tokens
     metrics = [json.loads((run / "metrics_val.json").read_text()) for run in (tmp_path / "reference", resumed)]
     assert metrics[0]["step"] == 6 and metrics[0] == metrics[1]
+    # lamscale eval on the partitioned checkpoint reproduces the run's own evaluation, into new files
+    cmd = [sys.executable, "-m", "lamscale", "eval", str(resumed), "--split", "again"]
+    result = subprocess.run(cmd, cwd=repo_root, env=lamscale_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert json.loads((resumed / "metrics_again.json").read_text()) == metrics[1]
+    assert (resumed / "predictions_again.jsonl").read_text() == (resumed / "predictions_val.jsonl").read_text()
