@@ -198,7 +198,7 @@ for status in "${STATUS[@]}"; do [ "$status" = PASS ] || FAILED=1; done
     echo "commit:   $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ local changes)')"
     echo "date:     $(date -u +%Y-%m-%dT%H:%MZ), total $(( $(date +%s) - T0 ))s, outputs in $OUT"
     for i in "${!NAMES[@]}"; do
-        printf '  %-5s %-14s %5ss  %s\n' "${STATUS[$i]}" "${NAMES[$i]}" "${SECONDS_TAKEN[$i]}" "${NOTES[$i]}"
+        printf '  %-5s %-15s %5ss  %s\n' "${STATUS[$i]}" "${NAMES[$i]}" "${SECONDS_TAKEN[$i]}" "${NOTES[$i]}"
     done
     for what in attention encoder; do
         [ -f "$OUT/bench/${what}_$DEVICE.md" ] && { echo; echo "bench $what:"; tail -n +3 "$OUT/bench/${what}_$DEVICE.md"; }
