@@ -94,3 +94,19 @@ def test_predictions_file_scores_against_the_raw_idx_labels(tmp_path):
     score = score_against_idx(str(preds), str(DEBIAN / "t10k-labels-idx1-ubyte.gz"))
     assert score["n"] == 1000 and score["label_mismatches"] == 0
     assert score["top1"] == sum(1 for i in range(len(samples)) if i % 3) / len(samples)  # 666 / 1000
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist_sample", "fashion_mnist", "imagenet_vit"])
+def test_classification_configs_validate_and_build_their_model(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    model = get_task(cfg).build_model()
+    assert model.tokens == 1 + (cfg.task.image_size // cfg.task.patch_size) ** 2 <= cfg.model.lam.max_len
+
+
+def test_unknown_task_and_bad_patch_are_one_line():
+    from lamscale.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"task.name: unknown task 'detection'; expected one of \['classification', 'moment_retrieval'\]"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["task.name=detection"])
+    with pytest.raises(ConfigError, match=r"task.patch_size: 5 does not divide task.image_size=28"):
+        load_config(ROOT / "configs" / "fashion_mnist_sample.yaml", ["task.patch_size=5"])
