@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -33,6 +34,15 @@ class MomentSample:
 
 
 _NPY_HEADER_LOCK = threading.Lock()
+
+
+def _fresh_lock_in_child() -> None:
+    # a DataLoader worker forked while the read-ahead thread held the lock would inherit it locked forever
+    global _NPY_HEADER_LOCK
+    _NPY_HEADER_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
 
 def load_npy(data: bytes) -> np.ndarray:

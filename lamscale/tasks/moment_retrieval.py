@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lamscale.config import TaskConfig
+from lamscale.config import MomentRetrievalConfig
 from lamscale.data.batch import LengthLimit, pad_stack
 from lamscale.data.ops import VideoOps
 from lamscale.data.schema import MomentSample
@@ -82,7 +82,7 @@ def _giou_1d(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return iou - (hull - union) / hull.clamp(min=1e-6)
 
 
-def losses(out: dict[str, torch.Tensor], batch: MomentBatch, cfg: TaskConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def losses(out: dict[str, torch.Tensor], batch: MomentBatch, cfg: MomentRetrievalConfig) -> tuple[torch.Tensor, dict[str, float]]:
     valid = batch.video_valid.float()
     fg = batch.foreground
     n_fg = fg.sum().clamp(min=1)
@@ -152,7 +152,7 @@ def _iou(a: list[float], b: list[float]) -> float:
 
 
 @torch.no_grad()
-def decode(out: dict[str, torch.Tensor], batch: MomentBatch, cfg: TaskConfig) -> list[dict]:
+def decode(out: dict[str, torch.Tensor], batch: MomentBatch, cfg: MomentRetrievalConfig) -> list[dict]:
     """Predictions in the official QVHighlights submission format, one dict per sample."""
     scores = torch.sigmoid(out["fg_logits"].float()).cpu()
     offsets, saliency = out["offsets"].float().cpu(), out["saliency"].float().cpu()
@@ -183,7 +183,7 @@ def ground_truth(meta: dict) -> dict:
     return {k: meta[k] for k in keys}
 
 
-def random_predictions(metas: list[dict], cfg: TaskConfig, clip_len: float, seed: int = 0) -> list[dict]:
+def random_predictions(metas: list[dict], cfg: MomentRetrievalConfig, clip_len: float, seed: int = 0) -> list[dict]:
     """Uniformly random windows and saliency: the chance level the model must beat."""
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from lamscale.config import TaskConfig
+from lamscale.config import MomentRetrievalConfig
 from lamscale.data.schema import MomentSample
 from lamscale.tasks import moment_retrieval as task
 from lamscale.tasks.qvhighlights_metrics import evaluate
@@ -33,7 +33,7 @@ def test_collate_targets():
 
 
 def test_perfect_predictions_have_low_loss_and_full_metrics():
-    cfg = TaskConfig()
+    cfg = MomentRetrievalConfig()
     samples = [sample(), sample(2, duration=30, windows=((10, 20),), clips=(5, 6, 7, 8, 9), scores=((3, 3, 3),) * 5)]
     batch = task.collate(samples, 15, 3)
     out = perfect_outputs(batch)
@@ -47,7 +47,7 @@ def test_perfect_predictions_have_low_loss_and_full_metrics():
 
 
 def test_decode_windows_stay_inside_the_video_and_are_suppressed():
-    cfg = TaskConfig(max_windows=3, nms_iou=0.5)
+    cfg = MomentRetrievalConfig(max_windows=3, nms_iou=0.5)
     batch = task.collate([sample(duration=40)], 20, 3)
     out = {"fg_logits": torch.randn(1, 20), "offsets": torch.rand(1, 20, 2), "saliency": torch.randn(1, 20)}
     windows = task.decode(out, batch, cfg)[0]["pred_relevant_windows"]
@@ -60,7 +60,7 @@ def test_decode_windows_stay_inside_the_video_and_are_suppressed():
 
 
 def test_losses_backpropagate():
-    cfg = TaskConfig()
+    cfg = MomentRetrievalConfig()
     batch = task.collate([sample(), sample(3)], 12, 3)
     out = {k: torch.randn(*v.shape, requires_grad=True) for k, v in perfect_outputs(batch).items()}
     out["offsets"] = out["offsets"].abs()
@@ -71,7 +71,7 @@ def test_losses_backpropagate():
 
 def test_random_predictions_are_valid_submissions():
     truths = [task.ground_truth(sample(q).meta) for q in range(1, 6)]
-    preds = task.random_predictions(truths, TaskConfig(), 2.0)
+    preds = task.random_predictions(truths, MomentRetrievalConfig(), 2.0)
     metrics = evaluate(preds, truths)
     assert 0 <= metrics["brief"]["MR-full-mAP"] < 100
 
