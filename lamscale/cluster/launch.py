@@ -1,6 +1,7 @@
 """The driver: check everything, then run the trainer on Ray Train workers (local Ray or a cluster)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -233,14 +234,8 @@ def evaluate(run: str, step: int | None = None, data: str = "", split: str = "va
     try:
         print(f"[lamscale] evaluating {run_url} step {step} on {cfg.data.val} as '{split}'", flush=True)
         trainer = _torch_trainer(cfg, run_url, address, lease, eval_worker, step=step, split=split)
-        try:
+        with _worker_failures_as_one_line("evaluation failed on rank {rank}: {cause}"):
             _fit_off_main_thread(trainer)
-        except Exception as e:
-            failures = getattr(e, "worker_failures", None)
-            if failures is None:
-                raise
-            rank, cause = _first_cause(failures)
-            raise RunFailed(f"evaluation failed on rank {rank}: {cause}") from None
     finally:
         lease.release()
     report = json.loads(storage.read_bytes(storage.join(run_url, f"metrics_{split}.json")))
@@ -255,16 +250,9 @@ def _fit(cfg: Config, run_url: str, address: str, lease: RunLease) -> str:
     trainer = _torch_trainer(cfg, run_url, address, lease, train_worker)
     clear_stop(run_url)  # a request left by an earlier preempted run is spent
     stop = _StopOnSignals(run_url)
-    try:
-        with stop:
-            _fit_off_main_thread(trainer)
-    except Exception as e:
-        failures = getattr(e, "worker_failures", None)
-        if failures is None:
-            raise
-        rank, cause = _first_cause(failures)
-        raise RunFailed(f"training failed on rank {rank}: {cause}; checkpoints committed before the failure are "
-                        f"intact: fix the cause, then `lamscale resume {run_url}`") from None
+    with _worker_failures_as_one_line("training failed on rank {rank}: {cause}; checkpoints committed before the "
+                                      f"failure are intact: fix the cause, then `lamscale resume {run_url}`"), stop:
+        _fit_off_main_thread(trainer)
     if storage.exists(storage.join(run_url, STOP_FILE)):
         clear_stop(run_url)
         steps = committed_steps(run_url)
@@ -278,6 +266,19 @@ def _fit(cfg: Config, run_url: str, address: str, lease: RunLease) -> str:
         brief = json.loads(storage.read_bytes(summary))["brief"]
         print(f"[lamscale] done: {run_url}\n" + json.dumps(brief, indent=2), flush=True)
     return run_url
+
+
+@contextlib.contextmanager
+def _worker_failures_as_one_line(template: str):
+    """A Ray Train worker failure becomes RunFailed(template with the lowest failed rank and its root error)."""
+    try:
+        yield
+    except Exception as e:
+        failures = getattr(e, "worker_failures", None)
+        if failures is None:
+            raise
+        rank, cause = _first_cause(failures)
+        raise RunFailed(template.format(rank=rank, cause=cause)) from None
 
 
 def _fit_off_main_thread(trainer) -> None:
