@@ -50,6 +50,17 @@ def _cmd_shards_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from lamscale.train.curves import plot_curves
+
+    data = plot_curves(args.runs, args.tag or ["val/top1"], args.out, args.x)
+    for tag, series in data.items():
+        for run, points in series.items():
+            print(f"{tag} {run}: {len(points['y'])} points, last {points['y'][-1]:.4g} at {args.x} {points['x'][-1]}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -136,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=_cmd_shards_sample)
     shards_cli.register(ssub)
     jobs_cli.register(sub)
+    pl = sub.add_parser("plot", help="scalar curves of runs (TensorBoard events) into one PNG")
+    pl.add_argument("runs", nargs="+", help="run folders")
+    pl.add_argument("--tag", action="append", help="scalar tag, repeatable (default val/top1)")
+    pl.add_argument("--x", default="step", help="step or minutes")
+    pl.add_argument("--out", required=True, help="PNG path (the points go next to it as .json)")
+    pl.set_defaults(func=_cmd_plot)
     b = sub.add_parser("bench", help="performance suite: fwd+bwd time and peak memory against N; data-loader throughput")
     b.add_argument("what", choices=["attention", "encoder", "data"])
     b.add_argument("--device", choices=["cpu", "cuda"], default="")

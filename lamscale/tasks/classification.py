@@ -1,8 +1,10 @@
 """Image classification with a LAM ViT (Fashion-MNIST offline, ImageNet-1K image folders).
 
 Shard samples are `<key>.png|jpg` + `<key>.json` with an integer `label` (the idx and image-folder
-builders write them). Training draws a random crop with zero padding and a horizontal flip per sample
-(seeded by seed, epoch and key, so a resumed run draws the same); evaluation sees the image as it is.
+builders write them). Exact-size images (Fashion-MNIST): training draws a random crop with zero padding
+and a horizontal flip per sample (seeded by seed, epoch and key, so a resumed run draws the same) and
+evaluation sees the image as it is. Photos (`task.resize`): training draws a random resized crop and a
+flip, evaluation takes the central 87.5 % square, both resized to `image_size`.
 Predictions: one JSON line per image with its key, true label, top-5 classes and their probabilities.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import random
 from dataclasses import dataclass
 
@@ -24,6 +27,7 @@ from lamscale.tasks import register
 from lamscale.tasks.base import Task
 
 IMAGE_MEMBERS = ("png", "jpg", "jpeg")
+MODES = {1: "L", 3: "RGB"}
 
 
 @dataclass
@@ -60,6 +64,7 @@ class ImageOps:
     num_classes: int
     crop_padding: int = 0
     hflip: bool = False
+    resize: bool = False
 
     def decode(self, raw: dict) -> ImageSample:
         from PIL import Image
@@ -72,6 +77,8 @@ class ImageOps:
             meta = json.loads(raw["json"])
             with Image.open(io.BytesIO(raw[member])) as img:
                 img.load()
+                if self.resize and img.mode != MODES[self.channels]:
+                    img = img.convert(MODES[self.channels])  # photo collections hold a few grey or CMYK files
                 mode, size = img.mode, img.size
                 array = np.asarray(img)
         except Exception as e:  # corrupt bytes of any kind
@@ -79,14 +86,17 @@ class ImageOps:
         channels = {"L": 1, "RGB": 3}.get(mode)
         if channels != self.channels:
             raise SampleError(f"{where}: image mode {mode} ({channels or '?'} channels), task.channels={self.channels}")
-        if size != (self.image_size, self.image_size):
-            raise SampleError(f"{where}: image is {size[0]}×{size[1]}, task.image_size={self.image_size}")
+        if size != (self.image_size, self.image_size) and not self.resize:
+            raise SampleError(f"{where}: image is {size[0]}×{size[1]}, task.image_size={self.image_size} "
+                              f"(task.resize=true resizes photos of any size)")
         label = meta.get("label")
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < self.num_classes:
             raise SampleError(f"{where}: label {label!r} is not a class in 0..{self.num_classes - 1} (task.num_classes)")
-        return ImageSample(raw["__key__"], meta, array.reshape(self.image_size, self.image_size, self.channels))
+        return ImageSample(raw["__key__"], meta, array.reshape(size[1], size[0], self.channels))
 
     def prepare(self, sample: ImageSample, rng: random.Random | None, where: str) -> tuple[ImageSample, bool]:
+        if self.resize:
+            return ImageSample(sample.key, sample.meta, self._resized(sample.image, rng)), False
         if rng is None:
             return sample, False
         image = sample.image
@@ -98,6 +108,33 @@ class ImageOps:
         if self.hflip and rng.random() < 0.5:
             image = image[:, ::-1]
         return ImageSample(sample.key, sample.meta, np.ascontiguousarray(image)), False
+
+    def _resized(self, image: np.ndarray, rng: random.Random | None) -> np.ndarray:
+        """Training (rng): a random resized crop (torchvision's RandomResizedCrop draw) and a flip; evaluation:
+        the central 87.5 % square. Either is resized to image_size² with bilinear filtering."""
+        from PIL import Image
+
+        h, w = image.shape[:2]
+        box = None
+        if rng is not None:
+            for _ in range(10):
+                area = h * w * rng.uniform(0.08, 1.0)
+                ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+                cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+                if 0 < cw <= w and 0 < ch <= h:
+                    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+                    box = (left, top, left + cw, top + ch)
+                    break
+        if box is None:  # evaluation, or no draw fitted: the central square
+            side = min(h, w) * (0.875 if rng is None else 1.0)
+            left, top = (w - side) / 2, (h - side) / 2
+            box = (left, top, left + side, top + side)
+        img = Image.fromarray(image[..., 0] if self.channels == 1 else image)
+        out = np.asarray(img.resize((self.image_size, self.image_size), Image.BILINEAR, box=box))
+        out = out.reshape(self.image_size, self.image_size, self.channels)
+        if rng is not None and self.hflip and rng.random() < 0.5:
+            out = out[:, ::-1]
+        return np.ascontiguousarray(out)
 
     def size(self, sample: ImageSample) -> tuple[int]:
         return (self.image_size * self.image_size,)
@@ -115,7 +152,7 @@ class Classification(Task):
 
     def sample_ops(self) -> ImageOps:
         t = self.settings
-        return ImageOps(t.image_size, t.channels, t.num_classes, t.crop_padding, t.hflip)
+        return ImageOps(t.image_size, t.channels, t.num_classes, t.crop_padding, t.hflip, t.resize)
 
     def collate(self, samples: list[ImageSample]) -> ImageBatch:
         t = self.settings

@@ -50,6 +50,9 @@ class ClassificationConfig(TaskConfig):
     label_smoothing: float = 0.1
     crop_padding: int = 4  # training draw: a random crop of the image padded by this many pixels (0: none)
     hflip: bool = True  # training draw: a random horizontal flip
+    # photos of any size and mode (ImageNet): convert to `channels`, train on a random resized crop
+    # (area 8–100 %, aspect 3/4–4/3), evaluate on the central 87.5 % square; false: images must be exact
+    resize: bool = False
     mean: float = 0.5  # pixel normalisation, after scaling to [0, 1]
     std: float = 0.5
 
@@ -59,6 +62,9 @@ class ClassificationConfig(TaskConfig):
         _check_ranges({"task.num_classes": (self.num_classes, ">0"), "task.image_size": (self.image_size, ">0"),
                        "task.patch_size": (self.patch_size, ">0"), "task.label_smoothing": (self.label_smoothing, "[0,1)"),
                        "task.crop_padding": (self.crop_padding, ">=0"), "task.std": (self.std, ">0")})
+        if self.resize and self.crop_padding:
+            raise ConfigError(f"task.crop_padding: {self.crop_padding} with task.resize=true; the random resized crop "
+                              f"replaces the padded crop, set task.crop_padding=0")
         if self.channels not in (1, 3):
             raise ConfigError(f"task.channels: expected 1 or 3, got {self.channels}")
         if self.image_size % self.patch_size:

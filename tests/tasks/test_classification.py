@@ -63,6 +63,25 @@ def test_training_draw_is_a_padded_crop_or_flip_and_seeded():
     assert ops.prepare(sample, None, "x")[0] is sample  # evaluation: the image as it is
 
 
+def test_photos_of_any_size_and_mode_are_resized_and_converted():
+    """task.resize: a 60×40 RGB photo → 8×8 grey; evaluation is the central 87.5 % square, deterministic;
+    training draws are seeded and differ."""
+    photo = np.zeros((40, 60, 3), np.uint8)
+    photo[:, 30:] = 200  # right half bright
+    raw = {**_raw(photo, 1), "png": _png(photo)}
+    ops = ImageOps(image_size=8, channels=1, num_classes=2, hflip=True, resize=True)
+    sample = ops.decode(raw)
+    assert sample.image.shape == (40, 60, 1)  # converted to grey (L: 200 stays 200), size kept until prepare
+    evaluated = ops.prepare(sample, None, "x")[0].image[..., 0]
+    assert evaluated.shape == (8, 8) and np.array_equal(evaluated, ops.prepare(sample, None, "x")[0].image[..., 0])
+    # the central square is 35×35 around x = 30: columns 0–2 lie left of the edge (0), 5–7 right of it (200)
+    assert (evaluated[:, :3] == 0).all() and (evaluated[:, 5:] == 200).all()
+    draws = [ops.prepare(sample, random.Random(f"d{i}"), "x")[0].image[..., 0] for i in range(20)]
+    assert all(d.shape == (8, 8) for d in draws) and len({d.tobytes() for d in draws}) > 5
+    with pytest.raises(SampleError, match=r"image is 60×40, task.image_size=8 \(task.resize=true resizes"):
+        ImageOps(image_size=8, channels=3, num_classes=2).decode(raw)
+
+
 def test_metrics_hand_computed():
     truths = [{"key": f"k{i}", "label": label} for i, label in enumerate([0, 0, 1, 2])]
     predictions = [{"key": "k0", "top5": [0, 1, 2]}, {"key": "k1", "top5": [1, 0, 2]},
