@@ -153,8 +153,10 @@ def _start_ray(cfg: Config, address: str) -> None:
     else:  # a private in-process cluster sized for this run, on 127.0.0.1 only
         _loopback_only()
         need = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999)
-        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, _node_ip_address="127.0.0.1",
-                 object_store_memory=256 * 2**20, log_to_driver=True, runtime_env=env)
+        # address="local": always a new cluster; without it Ray joins whatever RAY_ADDRESS or the last `ray start`
+        # on this machine names (then refuses num_cpus), so a run's placement would depend on the shell it came from
+        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
+                 _node_ip_address="127.0.0.1", object_store_memory=256 * 2**20, log_to_driver=True, runtime_env=env)
 
 
 def train(cfg: Config, address: str = "") -> str:

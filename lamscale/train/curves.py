@@ -14,7 +14,12 @@ def load_events(run: str):
     """The run's TensorBoard scalars (an EventAccumulator, loaded); one line if it has none."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(f"{str(run).rstrip('/')}/tb", size_guidance={"scalars": 0})
+    from lamscale import storage
+
+    tb = f"{str(run).rstrip('/')}/tb"
+    if not storage.exists(tb):
+        raise FileNotFoundError(f"{run}: no TensorBoard scalars under {tb}")
+    acc = EventAccumulator(tb, size_guidance={"scalars": 0})
     acc.Reload()
     if not acc.Tags().get("scalars"):
         raise FileNotFoundError(f"{run}: no TensorBoard scalars under {run}/tb")
@@ -47,7 +52,7 @@ def plot_curves(runs: list[str], tags: list[str], out: str, x: str = "step") -> 
         for tag in tags:
             points = read_scalars(run, tag, acc)
             xs = [s if x == "step" else round((w - start) / 60, 3) for s, w, _ in points]
-            data.setdefault(tag, {})[run] = {"x": xs, "y": [v for _, _, v in points]}
+            data.setdefault(tag, {})[run] = {"x": xs, "y": [round(v, 4) for _, _, v in points]}  # float32 in the events
     fig, axes = plt.subplots(1, len(tags), figsize=(5.5 * len(tags), 3.8), squeeze=False)
     for ax, tag in zip(axes[0], tags):
         for run, series in data[tag].items():

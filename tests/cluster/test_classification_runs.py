@@ -64,6 +64,7 @@ def test_imagenet_config_trains_on_real_photos_through_the_imagefolder_builder(r
     n_train = len(list(shards.glob("train-*.tar")))
     small = ["task.num_classes=2", "task.image_size=32", "task.patch_size=8", "model.dim=32", "model.layers=2",
              "model.heads=2", "model.lam.rank=4", "model.lam.hidden=8", "model.lam.max_len=17",
+             f"data.train={shards}/train-{{000000..{n_train - 1:06d}}}.tar",
              f"data.val={shards}/val-{{000000..000001}}.tar", "data.batch_size=2", "data.workers=1",
              "cluster.use_gpu=false", "cluster.num_workers=2", "cluster.cpus_per_worker=1", "train.max_steps=4",
              "train.warmup_steps=1", "train.eval_every=4", "train.ckpt_every=4", "train.log_every=1"]
