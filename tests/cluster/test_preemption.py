@@ -15,8 +15,9 @@ from conftest import lamscale_env, training_workers
 from lamscale.cluster.runs import summarize
 
 pytestmark = pytest.mark.slow
+# ZeRO-1 with bf16: the preempted save and the resume also cover that DeepSpeed setting (no run of its own)
 SHORT = ["train.max_steps=40", "train.ckpt_every=100", "train.eval_every=100", "train.log_every=2",
-         "data.batch_size=8", "run.name=preempt"]
+         "data.batch_size=8", "run.name=preempt", "train.zero_stage=1", "train.precision=bf16"]
 
 
 def _committed(run) -> list[int]:
@@ -65,6 +66,7 @@ def test_sigterm_and_ctrl_c_save_exit_and_resume(repo_root, sample_shards, tmp_p
     out = "".join(lines)
     assert proc.wait(300) == 0, out[-3000:]
     assert "stopped at step" in out and "preempted: checkpoint step" in out, out[-3000:]
+    assert "2 workers, ZeRO-1, bf16" in out, out[-3000:]
     run = tmp_path / "preempt"
     stopped = _committed(run)[-1]
     assert 4 <= stopped < 40
