@@ -83,7 +83,7 @@ class ImageOps:
                 array = np.asarray(img)
         except Exception as e:  # corrupt bytes of any kind
             raise SampleError(f"{where}: cannot decode {member} ({type(e).__name__}: {e})") from None
-        channels = {"L": 1, "RGB": 3}.get(mode)
+        channels = {m: c for c, m in MODES.items()}.get(mode)
         if channels != self.channels:
             raise SampleError(f"{where}: image mode {mode} ({channels or '?'} channels), task.channels={self.channels}")
         if size != (self.image_size, self.image_size) and not self.resize:

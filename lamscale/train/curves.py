@@ -17,12 +17,11 @@ def load_events(run: str):
     from lamscale import storage
 
     tb = f"{str(run).rstrip('/')}/tb"
-    if not storage.exists(tb):
-        raise FileNotFoundError(f"{run}: no TensorBoard scalars under {tb}")
     acc = EventAccumulator(tb, size_guidance={"scalars": 0})
-    acc.Reload()
+    if storage.exists(tb):  # the accumulator raises its own multi-line error on a missing folder
+        acc.Reload()
     if not acc.Tags().get("scalars"):
-        raise FileNotFoundError(f"{run}: no TensorBoard scalars under {run}/tb")
+        raise FileNotFoundError(f"{run}: no TensorBoard scalars under {tb}")
     return acc
 
 
