@@ -34,9 +34,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_metrics(args: argparse.Namespace) -> int:
+    if args.dataset == "mad":
+        return _cmd_metrics_mad(args)
+    if args.convention:
+        raise ValueError("--convention is for 'metrics mad'; QVHighlights has one official evaluation")
     from lamscale.tasks.qvhighlights_metrics import evaluate, load_jsonl
 
     result = evaluate(load_jsonl(args.preds), load_jsonl(args.gt), match_number=not args.subset)
+    print(json.dumps(result, indent=4))
+    return 0
+
+
+def _cmd_metrics_mad(args: argparse.Namespace) -> int:
+    from lamscale.tasks.mad_metrics import evaluate, evaluate_both, load_jsonl
+
+    if args.subset:
+        raise ValueError("--subset is for 'metrics qvhighlights'; MAD scores every ground-truth query")
+    preds, gt = load_jsonl(args.preds, "predictions"), load_jsonl(args.gt, "truths")
+    names = (args.preds, args.gt)
+    result = ({args.convention: evaluate(preds, gt, args.convention, names)} if args.convention
+              else evaluate_both(preds, gt, names))
     print(json.dumps(result, indent=4))
     return 0
 
@@ -132,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     m = sub.add_parser("metrics", help="official-equivalent evaluation of a predictions file")
-    m.add_argument("dataset", choices=["qvhighlights"])
+    m.add_argument("dataset", choices=["qvhighlights", "mad"])
     m.add_argument("--preds", required=True)
     m.add_argument("--gt", required=True)
-    m.add_argument("--subset", action="store_true", help="score only the qids present in both files")
+    m.add_argument("--subset", action="store_true", help="qvhighlights: score only the qids present in both files")
+    m.add_argument("--convention", choices=["official", "cone"], default=None,
+                   help="mad: MAD's official evaluation (IoU >= t) or CONE's (IoU > t); default both")
     m.set_defaults(func=_cmd_metrics)
 
     s = sub.add_parser("shards", help="dataset shards")
