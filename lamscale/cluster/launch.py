@@ -28,18 +28,21 @@ def run_url_for(cfg: Config) -> str:
 
 
 def _ensure_sample(cfg: Config) -> None:
-    """The embedded sample's shards are generated deterministically on first use."""
+    """An embedded sample's shards (the QVH sample in shards/tiny, the MAD-like one in shards/mad_sample)
+    are generated deterministically on first use, or again when their generator has changed."""
+    from lamscale.data import mad_sample, sample
+
     urls = expand_urls(cfg.data.train) + expand_urls(cfg.data.val)
-    if not all(u.startswith(str(SAMPLE_DIR)) for u in urls):
+    for folder, module, build in ((SAMPLE_DIR, sample, sample.build_sample),
+                                  (mad_sample.SAMPLE_DIR, mad_sample, mad_sample.build_mad_sample)):
+        if not all(u.startswith(f"{folder}/") for u in urls):
+            continue
+        manifest = folder / "manifest.json"
+        if manifest.exists() and json.loads(manifest.read_text()).get("generator_version") == module.GENERATOR_VERSION:
+            return
+        print(f"[lamscale] generating the embedded sample shards in {folder} (first use)", flush=True)
+        build(str(folder), cfg.model.video_dim, cfg.model.text_dim, cfg.model.max_text)
         return
-    from lamscale.data.sample import GENERATOR_VERSION, build_sample
-
-    manifest = SAMPLE_DIR / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()).get("generator_version") == GENERATOR_VERSION:
-        return
-
-    print(f"[lamscale] generating the embedded sample shards in {SAMPLE_DIR} (first use)", flush=True)
-    build_sample(str(SAMPLE_DIR), cfg.model.video_dim, cfg.model.text_dim, cfg.model.max_text)
 
 
 def _check_feature_dims(cfg: Config) -> None:

@@ -4,7 +4,6 @@ import io
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -171,63 +170,7 @@ def test_driver_rejects_a_key_that_would_not_read_back():
         _validated(Sample("qid8.5", {}, {"video": np.ones((2, 3))}), {}, [], set(), set())
 
 
-# --- MAD ----------------------------------------------------------------------------------------------
-
-def write_mad(root: Path) -> dict:
-    rng = np.random.default_rng(1)
-    (root / "annotations").mkdir(parents=True)
-    (root / "features").mkdir()
-    movies = {"3001_21_JUMP_STREET": rng.standard_normal((40, 512)).astype(np.float32), "0001_American_Beauty": rng.standard_normal((25, 512))}
-    with h5py.File(root / "features/CLIP_frames_features_5fps.h5", "w") as h5:
-        for name, frames in movies.items():
-            h5.create_dataset(name, data=frames)
-    ann = lambda movie, s, e, text: {"movie": movie, "sentence": text, "timestamps": [s, e], "ext_timestamps": [s, e],
-                                      "movie_duration": len(movies.get(movie, np.zeros(30))) / 5}
-    train = {"11": ann("3001_21_JUMP_STREET", 1.0, 2.4, "Someone runs."), "12": ann("0001_American_Beauty", 0.0, 5.0, "He smiles."),
-             "13": ann("3001_21_JUMP_STREET", 6.2, 8.0, "They drive off."),
-             "14": ann("9999_MISSING", 1.0, 2.0, "Gone."),                  # missing_features (no such movie)
-             "15": ann("3001_21_JUMP_STREET", 5.0, 3.0, "Backwards."),     # bad_window
-             "16": ann("3001_21_JUMP_STREET", 7.0, 9.0, "Past the end."),  # bad_window (duration 8.0)
-             "17": ann("0001_American_Beauty", 1.0, 2.0, "NaN tokens."),   # nonfinite
-             "18": ann("0001_American_Beauty", 1.0, 2.0, "Narrow tokens."),  # bad_dim
-             "19": ann("0001_American_Beauty", 1.0, 2.0, "No tokens."),    # missing_features (no text dataset)
-             "20": ann("0001_American_Beauty", 1.0, 2.0, None)}             # bad_field (no sentence)
-    val = {"21": ann("0001_American_Beauty", 2.0, 4.6, "She looks up.")}
-    (root / "annotations/MAD_train.json").write_text(json.dumps(train))
-    (root / "annotations/MAD_val.json").write_text(json.dumps(val))
-    texts = {sid: rng.standard_normal((3 + int(sid) % 5, 512)) for sid in [*train, *val] if sid != "19"}
-    texts["17"][1, 2] = np.nan
-    texts["18"] = rng.standard_normal((4, 300))
-    with h5py.File(root / "features/CLIP_language_tokens_features.h5", "w") as h5:
-        for sid, tokens in texts.items():
-            h5.create_dataset(sid, data=tokens)
-    return {"movies": movies, "texts": texts, "anns": {**train, **val},
-            "bad": {"14": "missing_features", "15": "bad_window", "16": "bad_window", "17": "nonfinite", "18": "bad_dim", "19": "missing_features",
-                    "20": "bad_field"}}
-
-
-def test_mad_round_trip_and_rejects(tmp_path, capsys):
-    data = write_mad(tmp_path / "mad")
-    out = tmp_path / "shards"
-    code, stdout, _ = build(capsys, tmp_path / "mad", "--format", "mad", "--out", out, "--shard-size", "100KB")
-    assert code == 0
-    manifest, rejects = manifest_of(out), rejects_of(out)
-    assert_counts_add_up(manifest, rejects)
-    assert manifest["counts"]["train"]["input"] == 10 and manifest["counts"]["train"]["written"] == 3
-    assert manifest["counts"]["val"]["written"] == 1 and manifest["fps"] == 5.0
-    assert {i: r["kind"] for i, r in rejects.items()} == data["bad"]
-    assert "9999_MISSING" in rejects["14"]["reason"] and "CLIP_frames_features_5fps.h5" in rejects["14"]["reason"]
-    assert all(s["bytes"] <= 100_000 for s in manifest["splits"]["train"]["shards"])  # 40×512 float16 = 41 KB per sample
-    assert len(manifest["splits"]["train"]["shards"]) >= 2
-    samples = {k: s for split in read_back(out).values() for k, s in split.items()}
-    assert set(samples) == {"11", "12", "13", "21"}
-    for sid, sample in samples.items():
-        ann = data["anns"][sid]
-        assert np.array_equal(sample.arrays["video"], data["movies"][ann["movie"]].astype(np.float16))
-        assert np.array_equal(sample.arrays["text"], data["texts"][sid].astype(np.float16))
-        assert sample.meta["relevant_windows"] == [ann["timestamps"]] and sample.meta["clip_len"] == pytest.approx(0.2)
-        assert sample.meta["vid"] == ann["movie"] and sample.meta["query"] == ann["sentence"]
-        assert sample.meta["duration"] == ann["movie_duration"]
+# --- MAD: movie-level shards, in tests/data/test_movies.py ---------------------------------------------
 
 
 # --- ImageNet-style class folders ---------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 A format module (qvhighlights, mad, imagefolder, msrvtt, idx) reads a release folder into a `DatasetPlan`:
 per split, the list of input items and a `load(item) -> Sample` that raises `Reject` for an input it
-cannot turn into a sample. The driver validates every array (finite, fits float16, 2-d, the dataset's
-feature dims), writes the shards, `rejects.jsonl` (every input not written, with its reason) and
-finally `manifest.json` — last, so that a manifest means a complete build.
+cannot turn into a sample. An item may gather several inputs (MAD: a movie and its sentences): then each
+input left out is reported on its own, and the item too when it wrote nothing. The driver validates every
+array (finite, fits float16, 2-d, the dataset's feature dims), writes the shards, `rejects.jsonl` (every
+input not written, with its reason) and finally `manifest.json` — last, so that a manifest means a complete build.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class Reject(Exception):
 class Item:
     id: str  # what the report calls this input: qid, sentence id, image path, video id
     payload: Any = None  # whatever the format's `load` needs
+    parts: list[str] | None = None  # the inputs this item gathers (MAD: a movie's sentence ids); None: it is one input
+    rejected: dict[str, Reject] = field(default_factory=dict)  # parts `load` left out (part id → why), even if it raises
 
 
 @dataclass
@@ -52,6 +55,7 @@ class DatasetPlan:
     sample_type: str  # moment | image | captioning
     dims: dict[str, int] = field(default_factory=dict)  # expected feature dims; others pinned by the first sample
     extra: dict = field(default_factory=dict)  # format facts for the manifest (classes, fps, …)
+    item_unit: str | None = None  # items with parts: what the counts call them ("movies"), counted apart from the inputs
 
 
 @dataclass
@@ -187,19 +191,27 @@ def build(format_name: str, opts: BuildOptions) -> BuildResult:
     splits, counts, rejects = {}, {}, []
     for split in plan.splits:
         writer = ShardWriter(url, split.name, opts.shard_size, opts.max_per_shard)
-        split_rejects, seen = [], set()
+        split_rejects, seen, items_rejected = [], set(), 0
         for item in tqdm(split.items, desc=f"{format_name} {split.name}", unit="sample"):
             try:
                 raw = _validated(split.load(item), dims, members, seen, image_exts)
             except Reject as r:
-                split_rejects.append({"split": split.name, "id": item.id, "kind": r.kind, "reason": r.reason})
+                split_rejects += _report(split.name, item, r)
+                items_rejected += item.parts is not None
                 continue
+            split_rejects += _report(split.name, item, None)
             writer.write(raw)
         splits[split.name] = writer.close()
-        written, rejected = splits[split.name]["samples"], len(split_rejects)
-        assert written + rejected == len(split.items), "every input is either written or rejected"
-        counts[split.name] = {"input": len(split.items), "written": written, "rejected": rejected,
-                              "rejected_by_kind": dict(Counter(r["kind"] for r in split_rejects))}
+        inputs = sum(1 if item.parts is None else len(item.parts) for item in split.items)
+        input_rejects = [r for r in split_rejects if "inputs" not in r]  # not the lines of whole items
+        rejected = len(input_rejects)
+        written = inputs - rejected if plan.item_unit else splits[split.name]["samples"]
+        assert written + rejected == inputs, "every input is either written or rejected"
+        counts[split.name] = {"input": inputs, "written": written, "rejected": rejected,
+                              "rejected_by_kind": dict(Counter(r["kind"] for r in input_rejects))}
+        if plan.item_unit:
+            grouped = sum(item.parts is not None for item in split.items)
+            counts[split.name][plan.item_unit] = {"input": grouped, "written": grouped - items_rejected, "rejected": items_rejected}
         rejects += split_rejects
     storage.write_bytes(storage.join(url, REJECTS_FILE), "".join(json.dumps(r) + "\n" for r in rejects).encode())
     manifest = {"format": format_name, "dataset": format_name, "sample_type": plan.sample_type, "source": str(opts.input),
@@ -208,6 +220,21 @@ def build(format_name: str, opts: BuildOptions) -> BuildResult:
     write_manifest(url, manifest)
     _remove_stale_shards(url, old_manifest, manifest)
     return BuildResult(url, {"schema_version": SCHEMA_VERSION, **manifest}, rejects)
+
+
+def _report(split: str, item: Item, whole: Reject | None) -> list[dict]:
+    """The report lines of an item: itself when it is one input; else each part left out (naming the item),
+    plus a line for the item (with its number of inputs) when it was not written at all."""
+    if item.parts is None:
+        return [] if whole is None else [{"split": split, "id": item.id, "kind": whole.kind, "reason": whole.reason}]
+    lines = []
+    for part in item.parts:
+        r = item.rejected.get(part) or (whole and Reject(whole.kind, f"{item.id}: {whole.reason}"))
+        if r:
+            lines.append({"split": split, "id": part, "item": item.id, "kind": r.kind, "reason": r.reason})
+    if whole is not None:
+        lines.append({"split": split, "id": item.id, "kind": whole.kind, "reason": whole.reason, "inputs": len(item.parts)})
+    return lines
 
 
 _IMAGE = "<image>"  # the one member slot an image takes, whichever format it keeps

@@ -1,23 +1,27 @@
-"""MAD (Soldelli et al., CVPR 2022) → moment samples: one per sentence, over the whole movie.
+"""MAD (Soldelli et al., CVPR 2022) → movie samples (`lamscale.data.movies`): one per movie, holding its
+frames once and every sentence of it (token features + timestamps).
 
     annotations/MAD_{train,val,test}.json       {sentence_id: {movie, sentence, timestamps: [s, e],
                                                   movie_duration, ...}}
     features/CLIP_frames_features_5fps.h5       one dataset per movie id: frames×512 at 5 fps
     features/CLIP_language_tokens_features.h5   one dataset per sentence id: tokens×512
 
-Windows stay in seconds; clip_len = 1/fps (0.2 s). Sentences are processed movie by movie, so each
-movie's frames are read and converted once.
+The inputs the report counts are sentences; the samples are movies. A sentence that cannot be used is
+rejected alone (naming movie and sentence); a movie without usable frames rejects all of its sentences,
+and a movie left with no sentence is reported itself.
 """
 from __future__ import annotations
 
 import json
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from lamscale.data.builders import (BuildOptions, DatasetPlan, Item, Reject, SplitInput, check_finite, check_text, check_window,
-                                   find, require)
+from lamscale.data.builders import (BuildOptions, DatasetPlan, Item, Reject, SplitInput, check_array, check_finite, check_text,
+                                   check_window, find, require)
+from lamscale.data.movies import MovieSample, frames_needed, movie_problem
 from lamscale.data.schema import Sample, safe_key
 
 VIDEO_FEATURES = "CLIP_frames_features_5fps.h5"
@@ -29,15 +33,14 @@ SPLITS = ("train", "val", "test")
 
 def annotation_files(opts: BuildOptions) -> dict[str, Path]:
     """split → json: `--annotations` files (`MAD_<split>.json` names the split), else the release's."""
+    files = {}
     if opts.annotations:
-        files = {}
         for a in opts.annotations:
             path = opts.path(a)
             if not path.is_file():
                 raise FileNotFoundError(f"--annotations: {path} does not exist")
             files[path.stem.removeprefix("MAD_")] = path
     else:
-        files = {}
         for split in opts.splits or SPLITS:
             for folder in (opts.input, opts.input / "annotations"):
                 if (folder / f"MAD_{split}.json").is_file():
@@ -51,23 +54,31 @@ def annotation_files(opts: BuildOptions) -> dict[str, Path]:
 
 
 def read_items(path: Path) -> list[Item]:
+    """One item per movie (sorted by name), its parts the movie's sentence ids in annotation order; a
+    sentence that names no movie is an item of its own, rejected by the loader."""
     try:
         annotations = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
     if not isinstance(annotations, dict):
         raise ValueError(f"{path}: expected an object {{sentence_id: annotation}}, got a {type(annotations).__name__}")
-    items = [Item(str(sid), ann) for sid, ann in annotations.items()]
-    # movie by movie (stable), so that the loader reads each movie's frames once
-    return sorted(items, key=lambda it: str(it.payload.get("movie", "")) if isinstance(it.payload, dict) else "")
+    movies: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+    orphans = []
+    for sid, ann in annotations.items():
+        if isinstance(ann, dict) and isinstance(ann.get("movie"), (str, int)) and str(ann["movie"]).strip():
+            movies[str(ann["movie"])].append((str(sid), ann))
+        else:
+            what = f"a {type(ann).__name__}, not an object" if not isinstance(ann, dict) else f"movie {json.dumps(ann.get('movie'))}"
+            orphans.append(Item(str(sid), f"sentence {sid}: annotation is {what}"))
+    return [Item(movie, sentences, parts=[sid for sid, _ in sentences]) for movie, sentences in sorted(movies.items())] + orphans
 
 
 class MADLoader:
-    def __init__(self, video_h5: Path, text_h5: Path, fps: float):
+    def __init__(self, video_h5: Path, text_h5: Path, fps: float, dims: dict[str, int]):
         self.video_h5, self.text_h5, self.fps = video_h5, text_h5, fps
+        self.dims = dict(dims)  # checked per sentence here, so that one bad sentence does not reject its movie
         self._video: h5py.File | None = None
         self._text: h5py.File | None = None
-        self._movie: tuple[str, np.ndarray | Reject] | None = None  # the last movie read, or why it failed
 
     def _open(self) -> None:
         if self._video is None:  # opened lazily: h5py handles are not picklable
@@ -82,34 +93,81 @@ class MADLoader:
             raise Reject("unreadable", f"cannot read {name!r} from {path}: {type(e).__name__}: {e}") from None
         return check_finite(array, f"{path.name}[{name!r}]")
 
-    def _movie_frames(self, movie: str) -> np.ndarray:
-        if self._movie is None or self._movie[0] != movie:
-            try:
-                frames: np.ndarray | Reject = self._read(self._video, self.video_h5, movie)
-            except Reject as r:
-                frames = r
-            self._movie = (movie, frames)
-        if isinstance(self._movie[1], Reject):
-            raise self._movie[1]
-        return self._movie[1]
-
     def __call__(self, item: Item) -> Sample:
         self._open()
-        ann = item.payload
-        if not isinstance(ann, dict):
-            raise Reject("bad_json", f"annotation {item.id} is a {type(ann).__name__}, not an object")
-        require(ann, ("movie", "sentence", "timestamps", "movie_duration"))
+        if item.parts is None:  # a sentence without a movie
+            raise Reject("bad_json", item.payload)
+        movie, sentences = item.id, item.payload
+        duration = _movie_duration(sentences)
+        kept = []  # (sid, ann, window) whose annotation is usable
+        for sid, ann in sentences:
+            try:
+                kept.append((sid, ann, self._check_annotation(ann, duration)))
+            except Reject as r:
+                item.rejected[sid] = Reject(r.kind, f"movie {movie}, sentence {sid}: {r.reason}")
+        if not kept:
+            self._no_sentences(item)
+        pinned = dict(self.dims)  # a rejected movie must not pin the dims
+        try:
+            video = self._frames(movie, duration, pinned)
+        except Reject as r:  # every sentence of the movie goes with it, each named
+            for sid, _, _ in kept:
+                item.rejected[sid] = Reject(r.kind, f"movie {movie}, sentence {sid}: {r.reason}")
+            raise Reject(r.kind, f"movie {movie}: {r.reason}") from None
+        tokens, meta_sentences = [], []
+        for sid, ann, window in kept:
+            try:
+                text = self._read(self._text, self.text_h5, sid)
+                check_array("text", text, pinned)
+            except Reject as r:
+                item.rejected[sid] = Reject(r.kind, f"movie {movie}, sentence {sid}: {r.reason}")
+                continue
+            offset = sum(len(t) for t in tokens)
+            meta_sentences.append({"sid": sid, "sentence": ann["sentence"], "timestamps": [float(x) for x in window],
+                                   "tokens": [offset, len(text)]})
+            tokens.append(text)
+        if not meta_sentences:
+            self._no_sentences(item)
+        meta = {"movie": movie, "duration": float(duration), "fps": self.fps, "sentences": meta_sentences}
+        sample = MovieSample(safe_key(movie), meta, video.astype(np.float16), np.concatenate(tokens).astype(np.float16))
+        problem = movie_problem(sample)  # never write what decode_movie would refuse
+        if problem:
+            raise Reject("invalid_movie", f"movie {movie}{problem}")
+        self.dims = pinned
+        return Sample(sample.key, sample.meta, {"video": sample.video, "text": sample.text})
+
+    @staticmethod
+    def _no_sentences(item: Item) -> None:
+        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(Counter(r.kind for r in item.rejected.values()).items()))
+        raise Reject("no_sentences", f"movie {item.id}: all {len(item.parts)} sentences rejected ({kinds})")
+
+    def _check_annotation(self, ann: dict, duration: float) -> list[float]:
+        require(ann, ("sentence", "timestamps", "movie_duration"))
         check_text(ann, "sentence")
-        duration = ann["movie_duration"]
-        if not isinstance(duration, (int, float)) or duration <= 0:
-            raise Reject("bad_window", f"movie_duration {duration!r} is not a positive number of seconds")
-        window = check_window(ann["timestamps"], duration, "timestamps")
-        video = self._movie_frames(str(ann["movie"]))
-        text = self._read(self._text, self.text_h5, item.id)
-        meta = {"qid": item.id, "vid": ann["movie"], "query": ann["sentence"], "duration": duration,
-                "clip_len": 1.0 / self.fps, "fps": self.fps, "relevant_windows": [window],
-                "relevant_clip_ids": [], "saliency_scores": []}  # MAD has no saliency labels
-        return Sample(safe_key(item.id), meta, {"video": video, "text": text})
+        own = ann["movie_duration"]
+        if not _positive(own):
+            raise Reject("bad_window", f"movie_duration {own!r} is not a positive number of seconds")
+        if abs(own - duration) > 1.0 / self.fps:
+            raise Reject("bad_duration", f"movie_duration {own} disagrees with the movie's {duration} s (its other sentences)")
+        return check_window(ann["timestamps"], duration, "timestamps")
+
+    def _frames(self, movie: str, duration: float, pinned: dict[str, int]) -> np.ndarray:
+        video = self._read(self._video, self.video_h5, movie)
+        check_array("video", video, pinned)
+        if len(video) < frames_needed(duration, self.fps):
+            raise Reject("short_video", f"{self.video_h5.name}[{movie!r}] has {len(video)} frames at {self.fps} fps "
+                                        f"({len(video) / self.fps:.1f} s), movie_duration is {duration} s")
+        return video
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+def _movie_duration(sentences: list[tuple[str, dict]]) -> float | None:
+    """The movie_duration most of its sentences give (MAD repeats it on every sentence)."""
+    durations = Counter(ann["movie_duration"] for _, ann in sentences if _positive(ann.get("movie_duration")))
+    return durations.most_common(1)[0][0] if durations else None
 
 
 def plan(opts: BuildOptions) -> DatasetPlan:
@@ -119,7 +177,8 @@ def plan(opts: BuildOptions) -> DatasetPlan:
         if not h5py.is_hdf5(path):
             raise ValueError(f"{path} is not an HDF5 file")
     fps = opts.fps or FPS
-    load = MADLoader(video_h5, text_h5, fps)
-    splits = [SplitInput(name, read_items(path), load) for name, path in annotation_files(opts).items()]
+    # the official dims hold only for the official feature files
     dims = {k: v for k, v in OFFICIAL_DIMS.items() if getattr(opts, f"{k}_features") is None}
-    return DatasetPlan(splits, "moment", dims, {"fps": fps, "clip_len": 1.0 / fps})
+    load = MADLoader(video_h5, text_h5, fps, {**dims, **opts.dims})
+    splits = [SplitInput(name, read_items(path), load) for name, path in annotation_files(opts).items()]
+    return DatasetPlan(splits, "movie", dims, {"fps": fps}, item_unit="movies")
