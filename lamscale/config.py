@@ -17,7 +17,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lamscale.tasks.settings import TASK_CONFIGS, ClassificationConfig, MomentRetrievalConfig, TaskConfig  # noqa: F401
+from lamscale.tasks.settings import (TASK_CONFIGS, ClassificationConfig, GroundingConfig, MomentRetrievalConfig,  # noqa: F401
+                                     TaskConfig)
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,11 @@ class ModelConfig:
     max_clips: int = 75
     max_text: int = 32
     checkpointing: bool = True  # activation checkpointing per layer (non-reentrant)
+    # how a frame knows its time: a learned table of max_clips positions ("table"), or a depthwise
+    # temporal convolution over neighbouring frames ("conv": translation-invariant, any length — what
+    # training on windows and evaluating on whole movies needs)
+    time_embedding: Literal["table", "conv"] = "table"
+    time_kernel: int = 9  # frames the "conv" time embedding sees (odd)
     lam: LAMConfig = field(default_factory=LAMConfig)
 
 
@@ -270,6 +276,8 @@ def validate(cfg: Config) -> None:
     })
     if m.dim % m.heads:
         raise ConfigError(f"model.dim: {m.dim} is not divisible by model.heads={m.heads}")
+    if m.time_kernel < 1 or m.time_kernel % 2 == 0:
+        raise ConfigError(f"model.time_kernel: expected an odd number of frames ≥ 1, got {m.time_kernel}")
     if t.zero3_param_persistence < 0:
         raise ConfigError(f"train.zero3_param_persistence: expected 0 or more elements, got {t.zero3_param_persistence}")
     if t.zero_stage not in (0, 1, 2, 3):

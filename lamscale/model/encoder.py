@@ -72,7 +72,12 @@ class Encoder(nn.Module):
         self.video_proj = nn.Sequential(nn.LayerNorm(cfg.video_dim), nn.Linear(cfg.video_dim, cfg.dim))
         self.text_proj = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, cfg.dim))
         self.type_embed = nn.Parameter(torch.zeros(2, cfg.dim))  # 0 = video, 1 = text
-        self.video_pos = nn.Parameter(torch.zeros(cfg.max_clips, cfg.dim))  # clip time index
+        if cfg.time_embedding == "table":
+            self.video_pos = nn.Parameter(torch.zeros(cfg.max_clips, cfg.dim))  # clip time index
+            self.video_time = None
+        else:  # depthwise, residual: each frame sees its time_kernel neighbours, whatever the length
+            self.video_pos = None
+            self.video_time = nn.Conv1d(cfg.dim, cfg.dim, cfg.time_kernel, padding=cfg.time_kernel // 2, groups=cfg.dim)
         self.text_pos = nn.Parameter(torch.zeros(cfg.max_text, cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
@@ -85,7 +90,8 @@ class Encoder(nn.Module):
 
     def _init_weights(self) -> None:
         for p in (self.type_embed, self.video_pos, self.text_pos):
-            nn.init.trunc_normal_(p, std=0.02)
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -112,8 +118,14 @@ class Encoder(nn.Module):
             raise ValueError(f"text has {L} tokens, more than model.max_text={self.max_text}")
         if self.lam_layers and self.lam_key == "position":
             check_key_positions(self.max_clips + L if L else T, self.lam_max_len)
-        dtype = self.video_pos.dtype  # features arrive as float16 from the shards
-        v = self.video_proj(video.to(dtype)) + self.video_pos[:T] + self.type_embed[0]
+        dtype = self.type_embed.dtype  # features arrive as float16 from the shards
+        v = self.video_proj(video.to(dtype))
+        if self.video_time is None:
+            v = v + self.video_pos[:T]
+        else:  # padding frames are zeroed so they never leak into a real frame's neighbourhood
+            v = v * video_valid[..., None].to(dtype)
+            v = v + self.video_time(v.transpose(1, 2)).transpose(1, 2)
+        v = v + self.type_embed[0]
         t = self.text_proj(text.to(dtype)) + self.text_pos[:L] + self.type_embed[1]
         x = self.drop(torch.cat([v, t], dim=1))
         valid = torch.cat([video_valid, text_valid], dim=1).bool()

@@ -26,3 +26,18 @@ class MomentHead(nn.Module):
             "offsets": F.softplus(self.offsets(h)),
             "saliency": self.saliency(h).squeeze(-1),
         }
+
+
+class GroundingHead(nn.Module):
+    """Per frame: foreground logit and (start, end) distances to the moment's bounds (no saliency: MAD
+    has none), in units of the training window's span, so a whole movie decodes in the same units."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+        self.foreground = nn.Linear(dim, 1)
+        self.offsets = nn.Linear(dim, 2)
+
+    def forward(self, states: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(states)
+        return {"fg_logits": self.foreground(h).squeeze(-1), "offsets": F.softplus(self.offsets(h))}

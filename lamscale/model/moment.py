@@ -1,4 +1,4 @@
-"""The moment-retrieval model: the multimodal LAM encoder with per-clip heads."""
+"""Moment retrieval and grounding models: the multimodal LAM encoder with a per-frame head."""
 from __future__ import annotations
 
 import torch
@@ -6,15 +6,27 @@ from torch import nn
 
 from lamscale.config import ModelConfig
 from lamscale.model.encoder import Encoder
-from lamscale.model.heads import MomentHead
+from lamscale.model.heads import GroundingHead, MomentHead
 
 
-class MomentModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+class FrameModel(nn.Module):
+    """Encoder over [frames | text] → the head on each frame's state."""
+
+    def __init__(self, cfg: ModelConfig, head: nn.Module):
         super().__init__()
         self.encoder = Encoder(cfg)
-        self.head = MomentHead(cfg.dim)
+        self.head = head
 
     def forward(self, video: torch.Tensor, video_valid: torch.Tensor, text: torch.Tensor,
                 text_valid: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.head(self.encoder(video, video_valid, text, text_valid))
+
+
+class MomentModel(FrameModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, MomentHead(cfg.dim))
+
+
+class GroundingModel(FrameModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, GroundingHead(cfg.dim))

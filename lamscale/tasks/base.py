@@ -9,7 +9,7 @@ rest. Batches are any object with `inputs(dtype)` (the model's positional inputs
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterable
 
 import torch
 from torch import nn
@@ -33,6 +33,13 @@ class Task:
     def collate(self, samples: list[Any]) -> Any:
         raise NotImplementedError
 
+    def eval_items(self, sample: Any) -> Iterable[Any]:
+        """What one decoded val sample is evaluated as: itself, or several units (a movie → its sentences)."""
+        return [sample]
+
+    def eval_batch_size(self) -> int:
+        return self.cfg.data.batch_size
+
     # --- model ----------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -47,6 +54,11 @@ class Task:
 
     def ground_truth(self, batch: Any) -> list[dict]:
         raise NotImplementedError
+
+    def collect(self, predictions: list[dict], truths: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Every rank's records → one per id (e.g. a sentence's sliding-window pieces merged), sorted by id."""
+        key = self.record_id
+        return sorted(predictions, key=lambda p: p[key]), sorted(truths, key=lambda g: g[key])
 
     def metrics(self, predictions: list[dict], truths: list[dict]) -> dict:
         """The official metrics; `["brief"]` holds the headline numbers (TensorBoard `val/…`)."""

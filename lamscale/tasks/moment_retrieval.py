@@ -19,11 +19,12 @@ from lamscale.data.ops import VideoOps
 from lamscale.data.schema import MomentSample
 from lamscale.tasks import register
 from lamscale.tasks.base import Task
+from lamscale.tasks.localization import FeatureBatch, localization_losses, nms
 from lamscale.tasks.qvhighlights_metrics import evaluate
 
 
 @dataclass
-class MomentBatch:
+class MomentBatch(FeatureBatch):
     video: torch.Tensor  # (B, T, Dv)
     video_valid: torch.Tensor  # (B, T) bool
     text: torch.Tensor  # (B, L, Dt)
@@ -32,17 +33,6 @@ class MomentBatch:
     offsets: torch.Tensor  # (B, T, 2) distances to the window's start/end, units of L
     saliency: torch.Tensor  # (B, T) mean annotator score 0–4 for relevant clips, −1 elsewhere
     meta: list[dict]
-
-    def inputs(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
-        return self.video.to(dtype), self.video_valid, self.text.to(dtype), self.text_valid
-
-    @property
-    def tokens(self) -> int:
-        return int(self.video_valid.sum() + self.text_valid.sum())
-
-    def to(self, device: torch.device) -> "MomentBatch":
-        tensors = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name != "meta"}
-        return MomentBatch(**tensors, meta=self.meta)
 
     def trimmed(self) -> "MomentBatch":
         """Without the padding columns no sample uses (collate pads to model.max_clips/max_text)."""
@@ -73,40 +63,14 @@ def collate(samples: list[MomentSample], max_clips: int, max_text: int) -> Momen
     return MomentBatch(video, video_valid, text, text_valid, foreground, offsets, saliency, [s.meta for s in samples])
 
 
-def _giou_1d(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Generalised IoU of (start, end) intervals, elementwise over the leading dims."""
-    inter = (torch.minimum(pred[..., 1], target[..., 1]) - torch.maximum(pred[..., 0], target[..., 0])).clamp(min=0)
-    union = (pred[..., 1] - pred[..., 0]) + (target[..., 1] - target[..., 0]) - inter
-    hull = torch.maximum(pred[..., 1], target[..., 1]) - torch.minimum(pred[..., 0], target[..., 0])
-    iou = inter / union.clamp(min=1e-6)
-    return iou - (hull - union) / hull.clamp(min=1e-6)
-
-
 def losses(out: dict[str, torch.Tensor], batch: MomentBatch, cfg: MomentRetrievalConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    valid = batch.video_valid.float()
-    fg = batch.foreground
-    n_fg = fg.sum().clamp(min=1)
-    logits = out["fg_logits"].float()
-
-    # focal loss (alpha 0.25, gamma 2) on every real clip, normalised by the foreground count
-    p = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, fg, reduction="none")
-    p_t = p * fg + (1 - p) * (1 - fg)
-    alpha = 0.25 * fg + 0.75 * (1 - fg)
-    focal = (alpha * (1 - p_t) ** 2 * ce * valid).sum() / n_fg
-
-    offsets = out["offsets"].float()
-    l1 = ((offsets - batch.offsets).abs().sum(-1) * fg).sum() / n_fg
-    pred_win = torch.stack([-offsets[..., 0], offsets[..., 1]], -1)
-    true_win = torch.stack([-batch.offsets[..., 0], batch.offsets[..., 1]], -1)
-    giou = ((1 - _giou_1d(pred_win, true_win)) * fg).sum() / n_fg
-
+    parts = localization_losses(out["fg_logits"], out["offsets"], batch.foreground, batch.offsets, batch.video_valid)
     # margin ranking: a clip annotated as more salient must score higher (unannotated clips = −1).
     # Relevant-vs-background pairs far outnumber pairs inside the moment; average each kind on its
     # own so the finer ordering that highlight detection is scored on is not drowned out.
     saliency = _ranking_loss(out["saliency"].float(), batch.saliency, batch.video_valid, cfg.saliency_margin)
-    parts = {"focal": focal, "l1": l1, "giou": giou, "saliency": saliency}
-    total = cfg.w_focal * focal + cfg.w_l1 * l1 + cfg.w_giou * giou + cfg.w_saliency * saliency
+    parts["saliency"] = saliency
+    total = cfg.w_focal * parts["focal"] + cfg.w_l1 * parts["l1"] + cfg.w_giou * parts["giou"] + cfg.w_saliency * saliency
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -134,23 +98,6 @@ def _ranking_loss(scores: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
     return sum((hinge * kind).sum() / kind.sum().clamp(min=1) for kind in (pairs & ~inside, inside))
 
 
-def _nms(windows: list[list[float]], iou_threshold: float, keep: int) -> list[list[float]]:
-    """Greedy 1-D NMS over [start, end, score] rows sorted by score."""
-    kept: list[list[float]] = []
-    for w in sorted(windows, key=lambda w: -w[2]):
-        if all(_iou(w, k) <= iou_threshold for k in kept):
-            kept.append(w)
-            if len(kept) == keep:
-                break
-    return kept
-
-
-def _iou(a: list[float], b: list[float]) -> float:
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = (a[1] - a[0]) + (b[1] - b[0]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 @torch.no_grad()
 def decode(out: dict[str, torch.Tensor], batch: MomentBatch, cfg: MomentRetrievalConfig) -> list[dict]:
     """Predictions in the official QVHighlights submission format, one dict per sample."""
@@ -171,7 +118,7 @@ def decode(out: dict[str, torch.Tensor], batch: MomentBatch, cfg: MomentRetrieva
                 candidates.append([round(start, 2), round(end, 2), round(float(scores[b, t]), 4)])
         predictions.append({
             "qid": meta["qid"], "query": meta["query"], "vid": meta["vid"],
-            "pred_relevant_windows": _nms(candidates, cfg.nms_iou, cfg.max_windows),
+            "pred_relevant_windows": nms(candidates, cfg.nms_iou, cfg.max_windows),
             "pred_saliency_scores": [round(float(x), 4) for x in saliency[b, :n_clips]],
         })
     return predictions

@@ -75,5 +75,44 @@ class ClassificationConfig(TaskConfig):
             raise ConfigError(f"model.lam.max_len: {lam.max_len} < {tokens} tokens (CLS + (image_size/patch_size)²)")
 
 
+@dataclass
+class GroundingConfig(TaskConfig):
+    """Grounding a sentence in a whole movie (MAD): train on windows, evaluate on the full length."""
+
+    name: str = "grounding"
+    window: int = 256  # training draw: this many frames around (not always centred on) the sentence's moment
+    w_focal: float = 1.0
+    w_l1: float = 1.0
+    w_giou: float = 1.0
+    candidates: int = 1000  # best-scoring frames whose proposals go into NMS
+    nms_iou: float = 0.3  # MAD's official NMS threshold
+    max_proposals: int = 100  # ranked proposals kept per sentence (R@100 needs 100)
+    eval_batch: int = 1  # sentences per eval forward (each against its whole movie)
+    eval_window: int = 0  # > 0: sliding windows of this many frames at eval (VLG-Net/CONE), 0: one forward
+    eval_stride: int = 0  # frames between sliding windows (default eval_window / 2)
+
+    def validate(self, cfg: Any) -> None:
+        from lamscale.config import ConfigError, _check_ranges
+
+        _check_ranges({"task.window": (self.window, ">0"), "task.w_focal": (self.w_focal, ">=0"),
+                       "task.w_l1": (self.w_l1, ">=0"), "task.w_giou": (self.w_giou, ">=0"),
+                       "task.candidates": (self.candidates, ">0"), "task.nms_iou": (self.nms_iou, "(0,1]"),
+                       "task.max_proposals": (self.max_proposals, ">0"), "task.eval_batch": (self.eval_batch, ">0"),
+                       "task.eval_window": (self.eval_window, ">=0"), "task.eval_stride": (self.eval_stride, ">=0")})
+        m = cfg.model
+        if m.lam.layers != "none" and m.lam.key == "position":
+            raise ConfigError("model.lam.key: position ties the mask to absolute positions, but grounding trains on "
+                              "windows and evaluates whole movies; use model.lam.key=token")
+        if m.time_embedding != "conv":
+            raise ConfigError("model.time_embedding: table learns max_clips absolute positions, but grounding trains "
+                              "on windows and evaluates whole movies; use model.time_embedding=conv")
+        for key, frames in (("task.window", self.window), ("task.eval_window", self.eval_window)):
+            if frames > m.max_clips:
+                raise ConfigError(f"{key}: {frames} frames, more than model.max_clips={m.max_clips}")
+        if self.eval_stride > max(self.eval_window, 0) or (self.eval_stride and not self.eval_window):
+            raise ConfigError(f"task.eval_stride: {self.eval_stride} needs 0 < eval_stride ≤ task.eval_window "
+                              f"({self.eval_window})")
+
+
 TASK_CONFIGS: dict[str, type[TaskConfig]] = {"moment_retrieval": MomentRetrievalConfig,
-                                             "classification": ClassificationConfig}
+                                             "classification": ClassificationConfig, "grounding": GroundingConfig}

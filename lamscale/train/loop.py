@@ -117,9 +117,9 @@ class Trainer:
 
     def eval_batches(self, counts: dict) -> Iterator[Any]:
         """This rank's share of the val split, streamed in batches; then None until every rank is done."""
-        d = self.cfg.data
-        samples = eval_samples(d.val, self.rank, self.world, read_options(self.cfg), self.task.sample_ops(), counts)
-        while chunk := list(islice(samples, d.batch_size)):
+        samples = eval_samples(self.cfg.data.val, self.rank, self.world, read_options(self.cfg), self.task.sample_ops(), counts)
+        items = (item for sample in samples for item in self.task.eval_items(sample))
+        while chunk := list(islice(items, self.task.eval_batch_size())):
             yield self.task.collate(chunk)
         while True:
             yield None
@@ -151,9 +151,8 @@ class Trainer:
         self.engine.train()
         if self.rank != 0:
             return None
-        by_id = self.task.record_id
-        predictions = sorted((p for ps, _, _ in gathered for p in ps), key=lambda p: p[by_id])
-        truths = sorted((g for _, gs, _ in gathered for g in gs), key=lambda g: g[by_id])
+        predictions, truths = self.task.collect([p for ps, _, _ in gathered for p in ps],
+                                                [g for _, gs, _ in gathered for g in gs])
         metrics = self.task.metrics(predictions, truths)
         if self.chance is None:  # the val set never changes within a run: score chance once
             self.chance = self.task.metrics(self.task.chance(truths), truths)

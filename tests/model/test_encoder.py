@@ -13,11 +13,12 @@ from lamscale.model import Encoder, MaskGenerator
 B, T, L = 2, 7, 4  # N = 11 tokens: not a multiple of the chunked block (6)
 
 
-def _cfg(dropout: float = 0.0, checkpointing: bool = False, **lam) -> ModelConfig:
+def _cfg(dropout: float = 0.0, checkpointing: bool = False, time_embedding: str = "table", **lam) -> ModelConfig:
     lam = {"rank": 3, "hidden": 8, "max_len": 12, "block": 6, **lam}
     return ModelConfig(
         dim=16, layers=3, heads=2, ffn_mult=2, dropout=dropout, video_dim=6, text_dim=5,
         max_clips=8, max_text=4, checkpointing=checkpointing, lam=LAMConfig(**lam),
+        time_embedding=time_embedding, time_kernel=3,
     )
 
 
@@ -208,18 +209,22 @@ def _padded(video: torch.Tensor, text: torch.Tensor, clips: int, tokens: int) ->
     return v, vv, t, tv
 
 
+@pytest.mark.parametrize("time_embedding", ["table", "conv"])
 @pytest.mark.parametrize("key", ["position", "token"])
 @pytest.mark.parametrize("backend,combine", [("dense", "mul"), ("chunked", "mul"), ("cpp", "mul"),
                                              ("dense", "add"), ("sdpa", "add")])
-def test_outputs_do_not_depend_on_padding(backend: str, combine: str, key: str) -> None:
+def test_outputs_do_not_depend_on_padding(backend: str, combine: str, key: str, time_embedding: str) -> None:
     """A sample alone, padded to the model's maxima, and batched with a longer sample: the same
     outputs (float64). Before per-modality key positions, the text keys of key=position moved with
-    the video's padding."""
+    the video's padding; the conv time embedding must not let padding frames into a real frame."""
     torch.manual_seed(3)
-    model = Encoder(_cfg(backend=backend, combine=combine, key=key, heads="per_head")).double().eval()
+    model = Encoder(_cfg(backend=backend, combine=combine, key=key, heads="per_head",
+                         time_embedding=time_embedding)).double().eval()
     for gen in _generators(model):  # move the masks off identity so that keys matter
         for p in gen.parameters():
             p.data.normal_(0, 0.5)
+    for p in model.video_proj.parameters():  # nonzero biases: a zero padding frame must not embed to zero
+        p.data.normal_(0, 0.5)
     g = torch.Generator().manual_seed(1)
     video, text = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)
     longer_video, longer_text = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)

@@ -6,6 +6,7 @@ import torch
 from lamscale.config import MomentRetrievalConfig
 from lamscale.data.schema import MomentSample
 from lamscale.tasks import moment_retrieval as task
+from lamscale.tasks.localization import iou
 from lamscale.tasks.qvhighlights_metrics import evaluate
 
 
@@ -56,7 +57,7 @@ def test_decode_windows_stay_inside_the_video_and_are_suppressed():
     assert [w[2] for w in windows] == sorted((w[2] for w in windows), reverse=True)
     for i in range(len(windows)):
         for j in range(i):
-            assert task._iou(windows[i], windows[j]) <= 0.5
+            assert iou(windows[i], windows[j]) <= 0.5
 
 
 def test_losses_backpropagate():
