@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -32,17 +33,22 @@ def load_kernel() -> None:
     """Build (first time on this machine) and load the kernel; its ops live in torch.ops.lamscale_cpu."""
     from torch.utils.cpp_extension import load
 
-    # no FP traps or errno: lets the compiler turn the row loops (exp, clamps, selects) into SIMD code
-    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
-    if os.environ.get("LAMSCALE_CPU_ARCH", "native") == "native":
-        flags.append("-march=native")  # the JIT build runs on the machine that will use it
+    flags = kernel_flags()
+    name = build_name(flags)
     try:
-        with _build_lock() as build_dir:
+        with _build_lock(name) as build_dir:
             # torch's own lock file (a FileBaton) is taken on every load and waited on forever; a process
             # killed while holding it (a preempted worker) would hang every later run. Under our flock no
             # other lamscale process is in load(), so a leftover torch lock is stale: remove it.
             Path(build_dir, "lock").unlink(missing_ok=True)
-            load(name="lamscale_cpu_lam", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+            # compiled from a copy at a fixed path: ninja rebuilds whenever the command changes, and the
+            # source's path is in it (a Ray job runs lamscale from its own working_dir copy)
+            source = Path(build_dir).with_suffix(".cpp")
+            if not source.exists():
+                partial = source.with_suffix(f".tmp{os.getpid()}")
+                shutil.copyfile(SOURCE, partial)
+                os.replace(partial, source)
+            load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no headers, a broken toolchain…
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -50,13 +56,28 @@ def load_kernel() -> None:
                            "use backend chunked, or auto") from e
 
 
+def kernel_flags() -> list[str]:
+    # no FP traps or errno: lets the compiler turn the row loops (exp, clamps, selects) into SIMD code
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    if os.environ.get("LAMSCALE_CPU_ARCH", "native") == "native":
+        flags.append("-march=native")  # the JIT build runs on the machine that will use it
+    return flags
+
+
+def build_name(flags: list[str]) -> str:
+    """One build folder per kernel source, flags and torch install, so that no two of them take turns
+    rebuilding one shared folder (each rebuild costs every waiting process half a minute)."""
+    key = SOURCE.read_bytes() + " ".join(flags).encode() + torch.__file__.encode()
+    return f"lamscale_cpu_lam_{hashlib.sha256(key).hexdigest()[:12]}"
+
+
 @contextlib.contextmanager
-def _build_lock() -> Iterator[str]:
+def _build_lock(name: str) -> Iterator[str]:
     """An OS file lock beside the kernel's build folder: released by the kernel when its holder dies."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    build_dir = _get_build_directory("lamscale_cpu_lam", verbose=False)
-    with open(os.path.join(os.path.dirname(build_dir), "lamscale_cpu_lam.flock"), "w") as handle:
+    build_dir = _get_build_directory(name, verbose=False)
+    with open(os.path.join(os.path.dirname(build_dir), f"{name}.flock"), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield build_dir

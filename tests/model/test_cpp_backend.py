@@ -152,9 +152,27 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_load(tmp_p
 
     from torch.utils.cpp_extension import _get_build_directory
 
-    build_dir = _get_build_directory("lamscale_cpu_lam", verbose=False)
+    from lamscale.model import cpu_lam
+
+    build_dir = _get_build_directory(cpu_lam.build_name(cpu_lam.kernel_flags()), verbose=False)
     open(os.path.join(build_dir, "lock"), "w").close()  # what a SIGKILLed holder leaves
     probe = "from lamscale.model.cpu_lam import kernel_available; print(kernel_available())"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "True", result.stderr[-2000:]
     assert not os.path.exists(os.path.join(build_dir, "lock"))
+
+
+def test_the_build_compiles_a_fixed_copy_so_other_checkouts_share_it():
+    """A Ray job runs lamscale from its own working_dir copy: had the build compiled the checkout's file,
+    its ninja command (which holds the source path) would differ and each side would rebuild the other's."""
+    import os
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from lamscale.model import cpu_lam
+
+    assert cpu_lam.kernel_available()
+    build_dir = _get_build_directory(cpu_lam.build_name(cpu_lam.kernel_flags()), verbose=False)
+    ninja = open(os.path.join(build_dir, "build.ninja")).read()
+    assert f"compile {build_dir}.cpp" in ninja and str(cpu_lam.SOURCE) not in ninja
+    assert open(f"{build_dir}.cpp", "rb").read() == cpu_lam.SOURCE.read_bytes()
