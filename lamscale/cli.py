@@ -90,7 +90,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from lamscale.bench.data import run
 
         return run(_ints(args.workers), args.epochs, args.repeats, args.out or "docs/bench/data_cpu")
-    if args.what == "attention":
+    if args.what == "movie":  # one grounding forward over a whole movie per length: time and peak RSS
+        from lamscale.bench.movie import bench_movie
+
+        device = "cpu"  # the CPU path in linear memory is what it checks
+        results = bench_movie(args.config, _ints(args.lengths) if args.lengths else [9000, 18000, 36000])
+    elif args.what == "attention":
         from lamscale.bench.attention import CASES, bench_attention
 
         cases = args.cases.split(",") if args.cases else [c for c in CASES if _runs_on(c, device)]
@@ -173,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True, help="PNG path (the points go next to it as .json)")
     pl.set_defaults(func=_cmd_plot)
     b = sub.add_parser("bench", help="performance suite: fwd+bwd time and peak memory against N; data-loader throughput")
-    b.add_argument("what", choices=["attention", "encoder", "data"])
+    b.add_argument("what", choices=["attention", "encoder", "data", "movie"])
+    b.add_argument("--config", default="configs/mad_sample.yaml", help="movie: the run config whose model runs")
     b.add_argument("--device", choices=["cpu", "cuda"], default="")
     b.add_argument("--lengths", default="", help="comma-separated N values")
     b.add_argument("--paired-rounds", type=int, default=8,

@@ -18,7 +18,7 @@ def plot(results: dict, path: str) -> None:
         if rows:
             ax_t.plot([r["N"] for r in rows], [r["ms"] for r in rows], marker="o", label=name)
             ax_m.plot([r["N"] for r in rows], [r["peak_mib"] for r in rows], marker="o", label=name)
-    for ax, label in ((ax_t, "fwd+bwd time (ms)"), (ax_m, "peak memory (MiB)")):
+    for ax, label in ((ax_t, results.get("time_label", "fwd+bwd time (ms)")), (ax_m, "peak memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length N")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -38,10 +39,14 @@ def _ensure_sample(cfg: Config) -> None:
         if not all(u.startswith(f"{folder}/") for u in urls):
             continue
         manifest = folder / "manifest.json"
-        if manifest.exists() and json.loads(manifest.read_text()).get("generator_version") == module.GENERATOR_VERSION:
-            return
-        print(f"[lamscale] generating the embedded sample shards in {folder} (first use)", flush=True)
-        build(str(folder), cfg.model.video_dim, cfg.model.text_dim, cfg.model.max_text)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # two first runs at once (two terminals, parallel tests) must not write the same shards together
+        with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if manifest.exists() and json.loads(manifest.read_text()).get("generator_version") == module.GENERATOR_VERSION:
+                return
+            print(f"[lamscale] generating the embedded sample shards in {folder} (first use)", flush=True)
+            build(str(folder), cfg.model.video_dim, cfg.model.text_dim, cfg.model.max_text)
         return
 
 
@@ -158,7 +163,9 @@ def _start_ray(cfg: Config, address: str) -> None:
         need = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999)
         # address="local": always a new cluster; without it Ray joins whatever RAY_ADDRESS or the last `ray start`
         # on this machine names (then refuses num_cpus), so a run's placement would depend on the shell it came from
-        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
+        # LAMSCALE_RAY_DASHBOARD=0: no dashboard (its processes cost a few CPU-seconds per start on a small box)
+        dashboard = os.environ.get("LAMSCALE_RAY_DASHBOARD", "1") != "0"
+        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=dashboard,
                  _node_ip_address="127.0.0.1", object_store_memory=256 * 2**20, log_to_driver=True, runtime_env=env)
 
 

@@ -68,6 +68,10 @@ class Task:
         """Chance-level predictions for the same records (seeded): the level the model must beat."""
         raise NotImplementedError
 
+    def chance_metrics(self, truths: list[dict]) -> dict:
+        """The metrics of chance-level predictions: the level each eval line and table compares against."""
+        return self.metrics(self.chance(truths), truths)
+
     def eval_line(self, metrics: dict, chance: dict) -> str:
         brief, base = metrics["brief"], chance["brief"]
         return " | ".join(f"{k} {brief[k]:.2f} (chance {base[k]:.2f})" for k in self.headline())

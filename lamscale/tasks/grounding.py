@@ -160,6 +160,15 @@ def random_proposals(truths: list[dict], count: int, seed: int = 0) -> list[dict
     return out
 
 
+def _mean_tree(trees: list[dict]) -> dict:
+    """Leaf-wise mean of equally shaped dicts of numbers (rounded like the metric tables: 2 decimals)."""
+    return {k: _mean_tree([t[k] for t in trees]) if isinstance(v, dict) else round(sum(t[k] for t in trees) / len(trees), 2)
+            for k, v in trees[0].items()}
+
+
+CHANCE_DRAWS = 20
+
+
 @register
 class Grounding(Task):
     """A sentence's moment in a whole movie: MAD's frame features + sentence token features."""
@@ -236,6 +245,13 @@ class Grounding(Task):
 
     def chance(self, truths: list[dict]) -> list[dict]:
         return random_proposals(truths, self.cfg.task.max_proposals)
+
+    def chance_metrics(self, truths: list[dict]) -> dict:
+        """The mean of CHANCE_DRAWS seeded random draws: with a few dozen val sentences, one draw's R@1 is
+        0 or 1/n, which no model can be "3× better" than in a meaningful way."""
+        draws = [self.metrics(random_proposals(truths, self.cfg.task.max_proposals, seed), truths)
+                 for seed in range(CHANCE_DRAWS)]
+        return _mean_tree(draws)
 
     def headline(self) -> list[str]:
         return ["R1@0.3", "R5@0.3"]

@@ -155,7 +155,7 @@ class Trainer:
                                                 [g for _, gs, _ in gathered for g in gs])
         metrics = self.task.metrics(predictions, truths)
         if self.chance is None:  # the val set never changes within a run: score chance once
-            self.chance = self.task.metrics(self.task.chance(truths), truths)
+            self.chance = self.task.chance_metrics(truths)
             storage.write_bytes(storage.join(self.run_url, f"metrics_{split}_random.json"), json.dumps(self.chance, indent=4).encode())
         lines = "".join(json.dumps(p) + "\n" for p in predictions)
         storage.write_bytes(storage.join(self.run_url, f"predictions_{split}.jsonl"), lines.encode())

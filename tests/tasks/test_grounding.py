@@ -11,7 +11,7 @@ from lamscale.config import load_config
 from lamscale.data.movies import MovieSample
 from lamscale.data.reader import DataError
 from lamscale.tasks import get_task
-from lamscale.tasks.grounding import collate, draw_window, sentence_item
+from lamscale.tasks.grounding import collate, draw_window, random_proposals, sentence_item
 
 FPS = 5.0
 
@@ -125,3 +125,11 @@ def test_random_proposals_score_near_what_their_lengths_predict():
     chance = t.metrics(t.chance(truths), truths)
     assert 8.0 < chance["official"]["R@100,IoU=0.5"] < 17.0
     assert chance["official"]["R@1,IoU=0.5"] < 1.5
+
+
+def test_chance_is_the_mean_of_twenty_draws():
+    truths = [{"query_id": f"q{i}", "timestamps": [500.0, 502.0], "duration": 1000.0} for i in range(10)]
+    t = task()
+    draws = [t.metrics(random_proposals(truths, 100, seed), truths)["official"]["R@100,IoU=0.5"] for seed in range(20)]
+    assert t.chance_metrics(truths)["official"]["R@100,IoU=0.5"] == round(sum(draws) / 20, 2)
+    assert len(set(draws)) > 1  # the draws differ: one of them alone is a noisy chance level
