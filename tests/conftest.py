@@ -53,6 +53,16 @@ def sample_shards() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mad_shards() -> Path:
+    """The embedded MAD-like sample's movie shards (generated on first use, like `lamscale train` does)."""
+    from lamscale.cluster.launch import _ensure_sample
+    from lamscale.config import load_config
+
+    _ensure_sample(load_config(ROOT / "configs" / "mad_sample.yaml"))
+    return ROOT / "shards" / "mad_sample"
+
+
+@pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory):
     """A real S3-compatible server on 127.0.0.1 with a bucket `lamscale-test`."""
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
@@ -79,7 +89,8 @@ class NumelRecorder(TorchDispatchMode):
 
 def lamscale_env(extra: dict | None = None) -> dict:
     """Environment for a `python -m lamscale` subprocess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0", **(extra or {})}
+    # no Ray dashboard in private test clusters: a few CPU-seconds per run, and no test reads it
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0", "LAMSCALE_RAY_DASHBOARD": "0", **(extra or {})}
     env.pop("RAY_ADDRESS", None)
     return env
 

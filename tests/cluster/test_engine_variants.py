@@ -1,5 +1,7 @@
-"""A real run under ZeRO-3 with every parameter really partitioned (persistence threshold 0) through training,
-eval, mask images, save and a bit-exact resume. (ZeRO-1 with bf16 runs in test_preemption.py.)"""
+"""A real grounding run (movie-level shards, each val sentence against its whole movie) under ZeRO-3 with
+every parameter really partitioned (persistence threshold 0) through training, eval, mask images, save, a
+bit-exact resume and `lamscale eval`. (ZeRO-1 with bf16 runs in test_preemption.py; moment retrieval's
+kill/resume in test_train_e2e.py.)"""
 import json
 import shutil
 import subprocess
@@ -11,11 +13,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import lamscale_env
 
 pytestmark = pytest.mark.slow
-SHORT = ["train.eval_every=100", "train.ckpt_every=2", "train.log_every=1", "data.batch_size=8"]
+# one val shard: two movies (6,000 and 3,000 frames, 18 sentences), each sentence a forward over its movie
+SHORT = ["train.eval_every=100", "train.ckpt_every=2", "train.log_every=1", "data.batch_size=8",
+         "data.val=shards/mad_sample/val-{000000..000000}.tar"]
 
 
 def train(repo_root, storage, *overrides):
-    cmd = [sys.executable, "-m", "lamscale", "train", "configs/tiny.yaml", f"run.storage={storage}", *SHORT, *overrides]
+    cmd = [sys.executable, "-m", "lamscale", "train", "configs/mad_sample.yaml", f"run.storage={storage}", *SHORT,
+           *overrides]
     result = subprocess.run(cmd, cwd=repo_root, env=lamscale_env(), capture_output=True, text=True, timeout=600)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
@@ -28,7 +33,8 @@ def scalars(run, tag):
     return acc, {e.step: e.value for e in acc.Scalars(tag)}
 
 
-def test_zero3_partitions_trains_evaluates_and_resumes_bit_exact(repo_root, sample_shards, tmp_path):
+def test_zero3_grounding_partitions_trains_evaluates_whole_movies_and_resumes_bit_exact(repo_root, mad_shards,
+                                                                                         tmp_path):
     z3 = ["train.zero_stage=3", "train.zero3_param_persistence=0", "train.precision=fp32", "train.keep_last=3"]
     reference = train(repo_root, tmp_path, *z3, "run.name=reference", "train.max_steps=6")
     line = next(x for x in reference.splitlines() if "ZeRO-3 shards" in x)
@@ -46,9 +52,13 @@ def test_zero3_partitions_trains_evaluates_and_resumes_bit_exact(repo_root, samp
     assert sorted(want) == list(range(1, 7)) and got == {5: want[5], 6: want[6]}  # after the resume: bit for bit
     # eval and the LAM mask images ran inside the engine's forward, where ZeRO-3 gathers parameters
     image = acc.Images("lam_mask/layer_1")[-1]
-    assert 75 < image.width == image.height <= 107  # the first val sample's 75 clips + its query tokens
+    assert image.width == image.height == 512  # a whole movie's tokens, evenly subsampled to 512
+    longest = [int(x.split("longest forward N=")[1]) for x in reference.splitlines() if "longest forward N=" in x]
+    assert longest and longest[-1] > 6000, reference[-3000:]  # the 6,000-frame movie in one forward
     metrics = [json.loads((run / "metrics_val.json").read_text()) for run in (tmp_path / "reference", resumed)]
     assert metrics[0]["step"] == 6 and metrics[0] == metrics[1]
+    predictions = [json.loads(x) for x in (resumed / "predictions_val.jsonl").read_text().splitlines()]
+    assert len(predictions) == 18 and all(len(p["predicted_times"]) == len(p["predicted_scores"]) for p in predictions)
     # lamscale eval on the partitioned checkpoint reproduces the run's own evaluation, into new files
     cmd = [sys.executable, "-m", "lamscale", "eval", str(resumed), "--split", "again"]
     result = subprocess.run(cmd, cwd=repo_root, env=lamscale_env(), capture_output=True, text=True, timeout=600)

@@ -1,8 +1,10 @@
-"""Losing a whole node, as a spot preemption does: a Ray cluster of processes on this machine (a head
-with no CPUs and two worker nodes with one CPU each, so the two training workers land on different
-nodes), run storage on a real S3 server (SeaweedFS). After the first commit every process of one worker
-node (its raylet, agents and training worker) is SIGKILLed at once and a replacement node joins; the run
-must finish under `cluster.max_failures=1`, restored from the last commit, replaying the same losses."""
+"""Losing a training worker, then a whole node, as a crash and a spot preemption do: a Ray cluster of
+processes on this machine (a head with no CPUs and two worker nodes with one CPU each, so the two training
+workers land on different nodes), run storage on a real S3 server (SeaweedFS). After the first commit one
+training worker is SIGKILLed (FailureConfig restarts the group from the commit); after that restart every
+process of one worker node (its raylet, agents and training worker) is SIGKILLed at once and a replacement
+node joins. The run must finish under `cluster.max_failures=2`, restored from the last commit each time,
+replaying the same losses."""
 from __future__ import annotations
 
 import os
@@ -23,7 +25,7 @@ from conftest import _session_processes, free_ports, lamscale_env
 pytestmark = pytest.mark.slow
 RUN = "lamscale-test/nodeloss/run"
 ARGS = ["train.max_steps=20", "train.ckpt_every=8", "train.log_every=2", "train.eval_every=100",
-        "train.mask_images=false", "data.batch_size=8", "cluster.max_failures=1", "cluster.num_workers=2"]
+        "train.mask_images=false", "data.batch_size=8", "cluster.max_failures=2", "cluster.num_workers=2"]
 # the head notices a dead raylet after 3 missed 1 s health checks (default: 5 × 3 s)
 HEALTH = '{"health_check_period_ms":1000,"health_check_timeout_ms":1000,"health_check_failure_threshold":3}'
 # `ray start --head` turns token auth on when ~/.ray/auth_token exists, `ray start --address` does not send
@@ -153,14 +155,13 @@ def test_losing_a_worker_node_resumes_from_the_last_commit(repo_root, sample_sha
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen: list[str] = []
     try:
-        committed_line = False
-        for line in driver.stdout:  # let two progress lines pass the commit at 8, then lose node A (4 steps before 16)
-            seen.append(line)
-            committed_line = committed_line or "checkpoint step 8 committed" in line
-            if committed_line and "] step 12/20" in line:
-                break
-        assert committed_line and "] step 12/20" in seen[-1], "".join(seen[-40:])
-        # the two ranks run on different nodes: losing node A loses one rank, its raylet and agents
+        # one training worker dies two steps after the commit at 8: the group restarts from that commit
+        assert _read_past(driver, seen, "checkpoint step 8 committed", "] step 10/20"), "".join(seen[-40:])
+        victim = node_b.training_workers()
+        assert len(victim) == 1 and len(node_a.training_workers()) == 1, "".join(seen[-40:])
+        victim[0].send_signal(signal.SIGKILL)
+        # after the restart, two steps past the commit again, node A goes: one rank, its raylet and agents
+        assert _read_past(driver, seen, "resumed at step 8/20", "] step 12/20"), "".join(seen[-40:])
         assert len(node_a.training_workers()) == 1 and len(node_b.training_workers()) == 1, "".join(seen[-40:])
         killed = node_a.kill()
         assert "raylet" in killed and node_a.processes() == [], killed
@@ -174,13 +175,26 @@ def test_losing_a_worker_node_resumes_from_the_last_commit(repo_root, sample_sha
     out = "".join(seen) + rest
     assert driver.returncode == 0, out[-4000:]
     assert before_restore == [8], (before_restore, out[-4000:])
-    resumed = [line for line in rest.splitlines() if "resumed at step" in line]
-    assert len(resumed) == 1 and "resumed at step 8/20" in resumed[0], out[-4000:]
+    resumed = [line for line in out.splitlines() if "resumed at step" in line]
+    assert len(resumed) == 2 and all("resumed at step 8/20" in line for line in resumed), out[-4000:]
     assert "checkpoint step 20 committed" in rest and "lamscale: error" not in out
 
-    # the steps replayed after the restore saw the same data, RNG and weights as the first time
+    # the steps replayed after each restore saw the same data, RNG and weights as the first time
     # (the progress line's loss has 4 decimals; a different batch or weight state moves it by far more)
-    first, replay = _losses(seen), _losses(rest.split(resumed[0], 1)[1].splitlines())
-    assert sorted(first) == [2, 4, 6, 8, 10, 12] and sorted(replay) == list(range(10, 21, 2)), out[-4000:]
-    assert all(replay[s] == first[s] for s in (10, 12)), (first, replay)
+    first_part, after_kill = out.split(resumed[0], 1)
+    retry, replay = (_losses(part.splitlines()) for part in after_kill.split(resumed[1], 1))
+    first = _losses(first_part.splitlines())
+    assert sorted(first) == [2, 4, 6, 8, 10] and sorted(replay) == list(range(10, 21, 2)), out[-4000:]
+    assert retry[10] == first[10] and replay[10] == first[10] and replay[12] == retry[12], (first, retry, replay)
     assert _committed(seaweedfs.fs())[-1] == 20
+
+
+def _read_past(driver: subprocess.Popen, seen: list[str], first: str, then: str) -> bool:
+    """Read the driver's lines until `then` appears after `first`."""
+    found = False
+    for line in driver.stdout:
+        seen.append(line)
+        found = found or first in line
+        if found and then in line:
+            return True
+    return False

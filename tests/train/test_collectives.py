@@ -39,7 +39,8 @@ cfg = load_config("configs/tiny.yaml", ["train.max_steps=2", "train.eval_every=2
 cfg.data.train, cfg.data.val = [f"{sys.argv[2]}/{p.rsplit('/', 1)[1]}" for p in (cfg.data.train, cfg.data.val)]
 trainer = Trainer(cfg, sys.argv[1], 0, 1, use_gpu=False)
 trainer.fit()
-print(json.dumps({"engine_device": str(trainer.engine.device), "calls": calls}))
+print(json.dumps({"engine_device": str(trainer.engine.device), "calls": calls}), flush=True)
+dist.destroy_process_group()  # gloo's threads left running at interpreter exit can abort it (std::terminate)
 """
 
 
