@@ -27,6 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n 2 --dist loadgroup` (make test) every test under tests/cluster/ (real Ray clusters,
+    whose fixed ports would clash if two ran at once) goes to one worker, in file order."""
+    for item in items:
+        if "tests/cluster/" in item.nodeid or item.nodeid.startswith("cluster/"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tests use tiny tensors: extra intra-op threads only add sync cost (and stall on a busy 2-core box)."""

@@ -1,7 +1,7 @@
 """A real grounding run (movie-level shards, each val sentence against its whole movie) under ZeRO-3 with
-every parameter really partitioned (persistence threshold 0) through training, eval, mask images, save, a
-bit-exact resume and `lamscale eval`. (ZeRO-1 with bf16 runs in test_preemption.py; moment retrieval's
-kill/resume in test_train_e2e.py.)"""
+every parameter really partitioned (persistence threshold 0) through training, eval, mask images, save and
+a bit-exact resume. (ZeRO-1 with bf16 runs in test_preemption.py; moment retrieval's kill/resume and
+`lamscale eval` in test_train_e2e.py.)"""
 import json
 import shutil
 import subprocess
@@ -59,9 +59,3 @@ def test_zero3_grounding_partitions_trains_evaluates_whole_movies_and_resumes_bi
     assert metrics[0]["step"] == 6 and metrics[0] == metrics[1]
     predictions = [json.loads(x) for x in (resumed / "predictions_val.jsonl").read_text().splitlines()]
     assert len(predictions) == 18 and all(len(p["predicted_times"]) == len(p["predicted_scores"]) for p in predictions)
-    # lamscale eval on the partitioned checkpoint reproduces the run's own evaluation, into new files
-    cmd = [sys.executable, "-m", "lamscale", "eval", str(resumed), "--split", "again"]
-    result = subprocess.run(cmd, cwd=repo_root, env=lamscale_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert json.loads((resumed / "metrics_again.json").read_text()) == metrics[1]
-    assert (resumed / "predictions_again.jsonl").read_text() == (resumed / "predictions_val.jsonl").read_text()

@@ -131,3 +131,14 @@ def test_tensorboard_has_scalars_and_mask_images(runs):
     assert acc.Scalars("train/loss")[-1].step == 12
     image = acc.Images("lam_mask/layer_1")[-1]
     assert image.width == image.height > 10
+
+
+def test_lamscale_eval_reproduces_the_finished_run(runs, repo_root):
+    """`lamscale eval RUN` (newest committed step, on Ray workers like training) writes new files that equal
+    the run's own final evaluation."""
+    run = runs["run"]
+    done = subprocess.run([sys.executable, "-m", "lamscale", "eval", str(run), "--split", "again"], cwd=repo_root,
+                          env=lamscale_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert json.loads((run / "metrics_again.json").read_text()) == json.loads((run / "metrics_val.json").read_text())
+    assert (run / "predictions_again.jsonl").read_text() == (run / "predictions_val.jsonl").read_text()
