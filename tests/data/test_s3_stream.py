@@ -52,6 +52,10 @@ def test_bench_data_writes_its_report(repo_root, sample_shards, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "data.json").read_text())["rows"]
-    assert [(r["source"], r["workers"]) for r in rows] == [("s3", 0), ("s3", 1), ("local", 0), ("local", 1)]
-    assert all(r["samples"] == 1200 and r["samples_per_s"] > 0 and r["mb_per_s"] > 0 for r in rows)
+    assert [(r["dataset"], r["source"], r["workers"]) for r in rows] == [
+        ("clips", "s3", 0), ("clips", "s3", 1), ("clips", "local", 0), ("clips", "local", 1),
+        ("movies", "s3", 0), ("movies", "local", 0)]  # movie shards: read + decode_movie in process only
+    assert [r["samples"] for r in rows] == [1200] * 4 + [16] * 2  # --epochs 1: the MAD-like sample's 16 movies once
+    rates = ("samples_per_s", "mb_per_s", "reader_mb_per_s", "raw_mb_per_s")
+    assert all(r[k] > 0 for r in rows for k in rates)
     assert "| source | workers |" in (tmp_path / "data.md").read_text() and not (tmp_path / "data.png").exists()
