@@ -21,7 +21,7 @@ train: $(STAMP)
 # two pytest workers: every test that starts Ray clusters runs on one of them, one at a time (Ray's fixed
 # ports would clash), while the other runs everything else alongside
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests $(ARGS)
+	$(PY) -m pytest -q -n 2 --durations=15 tests $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests $(ARGS)

@@ -27,12 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under `pytest -n 2 --dist loadgroup` (make test) every test under tests/cluster/ (real Ray clusters,
-    whose fixed ports would clash if two ran at once) goes to one worker, in file order."""
-    for item in items:
-        if "tests/cluster/" in item.nodeid or item.nodeid.startswith("cluster/"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` (pytest -n 2): every test under tests/cluster/ is one scope, so they run one at a time
+    in file order on one worker (real Ray clusters: their fixed ports would clash if two started at once),
+    while the other worker takes the rest test by test."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/cluster" if nodeid.startswith("tests/cluster/") else nodeid
+
+    return RayTestsTogether(config, log)
 
 
 @pytest.fixture(autouse=True)
