@@ -18,10 +18,8 @@ install: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/lamscale train configs/tiny.yaml $(ARGS)
 
-# two pytest workers: every test that starts Ray clusters runs on one of them, one at a time (Ray's fixed
-# ports would clash), while the other runs everything else alongside
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=15 tests $(ARGS)
+	$(PY) -m pytest -q --durations=15 tests $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests $(ARGS)

@@ -27,19 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def pytest_xdist_make_scheduler(config, log):
-    """`make test` (pytest -n 2): every test under tests/cluster/ is one scope, so they run one at a time
-    in file order on one worker (real Ray clusters: their fixed ports would clash if two started at once),
-    while the other worker takes the rest test by test."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class RayTestsTogether(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "tests/cluster" if nodeid.startswith("tests/cluster/") else nodeid
-
-    return RayTestsTogether(config, log)
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tests use tiny tensors: extra intra-op threads only add sync cost (and stall on a busy 2-core box)."""
