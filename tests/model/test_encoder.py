@@ -235,3 +235,18 @@ def test_outputs_do_not_depend_on_padding(backend: str, combine: str, key: str, 
         batched = model(*[torch.cat(parts) for parts in zip(*pair)])[0, :5]
     torch.testing.assert_close(padded, alone, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(batched, alone, rtol=1e-10, atol=1e-12)
+
+
+def test_frame_models_build_the_encoder_before_the_head() -> None:
+    """The seeded initial weights (and so `make train`'s exact metrics) depend on construction order: a
+    head built before the encoder moved MR-full-mAP from 25.58 to 24.35."""
+    from lamscale.model.heads import MomentHead
+    from lamscale.model.moment import MomentModel
+
+    torch.manual_seed(0)
+    model = MomentModel(ModelConfig())
+    torch.manual_seed(0)
+    Encoder(ModelConfig())
+    head = MomentHead(ModelConfig().dim)
+    for built, expected in zip(model.head.parameters(), head.parameters()):
+        assert torch.equal(built, expected)
