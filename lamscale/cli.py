@@ -36,6 +36,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_metrics(args: argparse.Namespace) -> int:
     if args.dataset == "mad":
         return _cmd_metrics_mad(args)
+    if args.dataset == "captioning":
+        return _cmd_metrics_captioning(args)
     if args.convention:
         raise ValueError("--convention is for 'metrics mad'; QVHighlights has one official evaluation")
     from lamscale.tasks.qvhighlights_metrics import evaluate, load_jsonl
@@ -55,6 +57,21 @@ def _cmd_metrics_mad(args: argparse.Namespace) -> int:
     result = ({args.convention: evaluate(preds, gt, args.convention, names)} if args.convention
               else evaluate_both(preds, gt, names))
     print(json.dumps(result, indent=4))
+    return 0
+
+
+def _cmd_metrics_captioning(args: argparse.Namespace) -> int:
+    from lamscale.tasks.caption_metrics import evaluate, load_predictions, load_truths, require_java
+
+    if args.subset or args.convention:
+        raise ValueError("--subset and --convention are for 'metrics qvhighlights' and 'metrics mad'; "
+                         "captioning scores every ground-truth video")
+    preds, gt = load_predictions(args.preds), load_truths(args.gt)
+    try:
+        require_java()
+    except RuntimeError as e:  # a missing tool, reported like bad input: one line, exit 2
+        raise ValueError(str(e)) from None
+    print(json.dumps(evaluate(preds, gt, names=(args.preds, args.gt)), indent=4))
     return 0
 
 
@@ -154,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     m = sub.add_parser("metrics", help="official-equivalent evaluation of a predictions file")
-    m.add_argument("dataset", choices=["qvhighlights", "mad"])
+    m.add_argument("dataset", choices=["qvhighlights", "mad", "captioning"],
+                   help="captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr by pycocoevalcap (needs Java; no SPICE: "
+                        "its models are downloaded on first use)")
     m.add_argument("--preds", required=True)
     m.add_argument("--gt", required=True)
     m.add_argument("--subset", action="store_true", help="qvhighlights: score only the qids present in both files")
