@@ -20,16 +20,18 @@ def register(shards_sub: argparse._SubParsersAction) -> None:
     b.add_argument("--splits", default="", help="comma-separated splits (default: every split the release has)")
     b.add_argument("--shard-size", default="256MB", help="target shard size, e.g. 256MB, 1GiB (default 256MB)")
     b.add_argument("--max-per-shard", type=int, default=None, help="at most this many samples per shard")
-    b.add_argument("--annotations", default="", help="comma-separated annotation files (default: the release's)")
+    b.add_argument("--annotations", default="",
+                   help="comma-separated annotation files (default: the release's); madv2_ad: AD.csv[,SUBS.csv]")
     b.add_argument("--video-features", default="",
                    help="qvhighlights: comma-separated npz folders, concatenated (default slowfast_features,clip_features); "
-                        "mad: the frames .h5; msrvtt: the .npy folder (default video_features)")
+                        "mad: the frames .h5; madv2_ad: the <movie>.npy folder or frames .h5; "
+                        "msrvtt: the .npy folder (default video_features)")
     b.add_argument("--text-features", default="", help="qvhighlights: npz folder (clip_text_features); mad: tokens .h5")
     b.add_argument("--audio-features", default="", help="msrvtt: .npy folder (default audio_features, when present)")
     for kind in ("video", "text", "audio"):
         b.add_argument(f"--{kind}-dim", type=int, default=None, help=f"expected {kind} feature dim (default: official or first sample's)")
     b.add_argument("--clip-len", type=float, default=None, help="qvhighlights: seconds per feature clip (default 2.0)")
-    b.add_argument("--fps", type=float, default=None, help="mad: feature frames per second (default 5)")
+    b.add_argument("--fps", type=float, default=None, help="mad, madv2_ad: feature frames per second (default 5)")
     b.add_argument("--num-classes", type=int, default=None, help="idx: labels must be below this (default 10)")
     b.add_argument("--max-per-class", default="",
                    help="idx: a balanced subset, at most N images per class: N for every split, or train=600,test=100")

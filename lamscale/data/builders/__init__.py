@@ -22,7 +22,7 @@ from lamscale import storage
 from lamscale.data.schema import IMAGE_EXTENSIONS, SCHEMA_VERSION, Sample, encode_sample, safe_key
 from lamscale.data.writer import ShardWriter, write_manifest
 
-FORMAT_NAMES = ("qvhighlights", "mad", "imagefolder", "msrvtt", "idx")
+FORMAT_NAMES = ("qvhighlights", "mad", "madv2_ad", "imagefolder", "msrvtt", "idx")
 REJECTS_FILE = "rejects.jsonl"
 
 
@@ -91,10 +91,10 @@ class BuildResult:
 
 
 def formats() -> dict[str, Callable[[BuildOptions], DatasetPlan]]:
-    from lamscale.data.builders import idx, imagefolder, mad, msrvtt, qvhighlights
+    from lamscale.data.builders import idx, imagefolder, mad, madv2_ad, msrvtt, qvhighlights
 
-    return {"qvhighlights": qvhighlights.plan, "mad": mad.plan, "imagefolder": imagefolder.plan, "msrvtt": msrvtt.plan,
-            "idx": idx.plan}
+    return {"qvhighlights": qvhighlights.plan, "mad": mad.plan, "madv2_ad": madv2_ad.plan, "imagefolder": imagefolder.plan,
+            "msrvtt": msrvtt.plan, "idx": idx.plan}
 
 
 # --- input lookup and validation shared by the formats --------------------------------------------------------------------
