@@ -56,6 +56,7 @@ class DatasetPlan:
     dims: dict[str, int] = field(default_factory=dict)  # expected feature dims; others pinned by the first sample
     extra: dict = field(default_factory=dict)  # format facts for the manifest (classes, fps, …)
     item_unit: str | None = None  # items with parts: what the counts call them ("movies"), counted apart from the inputs
+    files: dict[str, bytes] = field(default_factory=dict)  # written beside the manifest (captioning: tokenizer.json)
 
 
 @dataclass
@@ -214,6 +215,8 @@ def build(format_name: str, opts: BuildOptions) -> BuildResult:
             counts[split.name][plan.item_unit] = {"input": grouped, "written": grouped - items_rejected, "rejected": items_rejected}
         rejects += split_rejects
     storage.write_bytes(storage.join(url, REJECTS_FILE), "".join(json.dumps(r) + "\n" for r in rejects).encode())
+    for name, data in plan.files.items():
+        storage.write_bytes(storage.join(url, name), data)
     manifest = {"format": format_name, "dataset": format_name, "sample_type": plan.sample_type, "source": str(opts.input),
                 "members": _manifest_members(members, image_exts), "feature_dims": dims, **plan.extra, "splits": splits,
                 "counts": counts, "rejects": REJECTS_FILE}
