@@ -17,8 +17,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lamscale.tasks.settings import (TASK_CONFIGS, ClassificationConfig, GroundingConfig, MomentRetrievalConfig,  # noqa: F401
-                                     TaskConfig)
+from lamscale.tasks.settings import (TASK_CONFIGS, CaptioningConfig, ClassificationConfig, GroundingConfig,  # noqa: F401
+                                     MomentRetrievalConfig, TaskConfig)
 
 
 class ConfigError(ValueError):
@@ -50,6 +50,7 @@ class ModelConfig:
     dropout: float = 0.1
     video_dim: int = 64
     text_dim: int = 32
+    audio_dim: int = 0  # > 0: an audio modality (T×audio_dim features, time-aligned like frames; captioning)
     max_clips: int = 75
     max_text: int = 32
     checkpointing: bool = True  # activation checkpointing per layer (non-reentrant)

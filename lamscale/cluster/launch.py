@@ -18,6 +18,7 @@ from lamscale.cluster.lease import RunLease
 from lamscale.cluster.runs import clear_failed, mark_failed
 from lamscale.config import Config, ConfigError, resume_changes
 from lamscale.data.stream import absolute_pattern, check_shards, expand_urls
+from lamscale.tasks import get_task
 from lamscale.train.checkpoint import committed_steps
 from lamscale.train.preempt import STOP_FILE, clear_stop, request_stop
 
@@ -29,16 +30,22 @@ def run_url_for(cfg: Config) -> str:
 
 
 def _ensure_sample(cfg: Config) -> None:
-    """An embedded sample's shards (the QVH sample in shards/tiny, the MAD-like one in shards/mad_sample)
-    are generated deterministically on first use, or again when their generator has changed."""
-    from lamscale.data import mad_sample, sample
+    """An embedded sample's shards (the QVH sample in shards/tiny, the MAD-like one in shards/mad_sample, the
+    captioning one in shards/caption_sample) are generated deterministically on first use, or again when
+    their generator has changed."""
+    from lamscale.data import caption_sample, mad_sample, sample
 
+    m = cfg.model
     urls = expand_urls(cfg.data.train) + expand_urls(cfg.data.val)
-    for folder, module, build in ((SAMPLE_DIR, sample, sample.build_sample),
-                                  (mad_sample.SAMPLE_DIR, mad_sample, mad_sample.build_mad_sample)):
+    for folder, module, build in (
+            (SAMPLE_DIR, sample, lambda out: sample.build_sample(out, m.video_dim, m.text_dim, m.max_text)),
+            (mad_sample.SAMPLE_DIR, mad_sample, lambda out: mad_sample.build_mad_sample(out, m.video_dim, m.text_dim, m.max_text)),
+            (caption_sample.SAMPLE_DIR, caption_sample, lambda out: caption_sample.build_caption_sample(out, m.video_dim, m.audio_dim))):
         if not all(u.startswith(f"{folder}/") for u in urls):
             continue
         manifest = folder / "manifest.json"
+        if manifest.exists() and json.loads(manifest.read_text()).get("generator_version") == module.GENERATOR_VERSION:
+            return
         folder.parent.mkdir(parents=True, exist_ok=True)
         # two first runs at once (two terminals, parallel tests) must not write the same shards together
         with open(folder.parent / f".{folder.name}.lock", "w") as lock:
@@ -46,7 +53,7 @@ def _ensure_sample(cfg: Config) -> None:
             if manifest.exists() and json.loads(manifest.read_text()).get("generator_version") == module.GENERATOR_VERSION:
                 return
             print(f"[lamscale] generating the embedded sample shards in {folder} (first use)", flush=True)
-            build(str(folder), cfg.model.video_dim, cfg.model.text_dim, cfg.model.max_text)
+            build(str(folder))
         return
 
 
@@ -57,7 +64,7 @@ def _check_feature_dims(cfg: Config) -> None:
     if not storage.exists(manifest_url, storage.PREFLIGHT_BUDGET_S):
         return
     dims = json.loads(storage.read_bytes(manifest_url)).get("feature_dims", {})
-    for kind, key in (("video", "model.video_dim"), ("text", "model.text_dim")):
+    for kind, key in (("video", "model.video_dim"), ("text", "model.text_dim"), ("audio", "model.audio_dim")):
         want = getattr(cfg.model, f"{kind}_dim")
         if kind in dims and dims[kind] != want:
             raise ConfigError(f"{key}: {want}, but {manifest_url} says the {kind} features are {dims[kind]}-d")
@@ -70,6 +77,7 @@ def prepare(cfg: Config) -> str:
     check_shards(cfg.data.train, "data.train")
     check_shards(cfg.data.val, "data.val")
     _check_feature_dims(cfg)
+    get_task(cfg).preflight()
     run_url = run_url_for(cfg)
     storage.check_writable(run_url)
     return run_url

@@ -1,10 +1,12 @@
 """BERT-like multimodal encoder with Learnable Attention Masks in some or all layers (DESIGN.md §1–2).
 
-    [video clips | text tokens] → per-modality LayerNorm+Linear → + modality type + time/position
+    [video clips | audio frames | text tokens] → per-modality LayerNorm+Linear → + modality type + time/position
     → dropout → L pre-LN blocks (x + Attn(LN x); x + FFN(LN x)) → LayerNorm → video token states
+    (`encode`: every token's state, for a decoder to attend to)
 
 Video comes first, so clip i sits at sequence position i; with key=position the LAM key table is indexed
-per modality (clip t → t, text token j → max_clips + j), so padding never moves a key.
+per modality (clip t → t, text token j → max_clips + j, audio frame a → max_clips + max_text + a), so
+padding never moves a key. Audio (model.audio_dim > 0) shares the frames' time embedding.
 """
 from __future__ import annotations
 
@@ -85,11 +87,15 @@ class Encoder(nn.Module):
             for i in range(cfg.layers)
         )
         self.norm = nn.LayerNorm(cfg.dim)
+        self.audio_proj, self.audio_type = None, None
+        if cfg.audio_dim:  # registered last, so configs without audio keep their seeded initial weights
+            self.audio_proj = nn.Sequential(nn.LayerNorm(cfg.audio_dim), nn.Linear(cfg.audio_dim, cfg.dim))
+            self.audio_type = nn.Parameter(torch.zeros(cfg.dim))
         self._capture: _MaskCapture | None = None  # set inside capture_masks()
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for p in (self.type_embed, self.video_pos, self.text_pos):
+        for p in (self.type_embed, self.video_pos, self.text_pos, self.audio_type):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
         for m in self.modules():
@@ -102,44 +108,58 @@ class Encoder(nn.Module):
             gen.reset_parameters()
 
     def no_weight_decay(self) -> set[str]:
-        return {"type_embed", "video_pos", "text_pos"}
+        return {"type_embed", "video_pos", "text_pos", "audio_type"}
 
     def mask_generators(self) -> list[MaskGenerator]:
         """One generator per LAM layer, in layer order."""
         return [blk.attn.mask_gen for blk in self.blocks if blk.attn.mask_gen is not None]
 
-    def _embed(self, video: Tensor, video_valid: Tensor, text: Tensor, text_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(tokens, valid, key positions). A token's position depends only on its place in its own
-        modality — clip t is t, text token j is max_clips + j — never on how the batch was padded."""
+    def _embed(self, video: Tensor, video_valid: Tensor, text: Tensor, text_valid: Tensor, audio: Tensor | None = None,
+               audio_valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(tokens, valid, key positions) of [video | audio | text]. A token's position depends only on its
+        place in its own modality, never on how the batch was padded."""
         T, L = video.shape[1], text.shape[1]
-        if T > self.max_clips:
-            raise ValueError(f"video has {T} clips, more than model.max_clips={self.max_clips}")
+        A = 0 if audio is None else audio.shape[1]
+        if A and self.audio_proj is None:
+            raise ValueError("audio features given, but model.audio_dim is 0")
+        for n, what, key in ((T, "video has", "clips"), (A, "audio has", "clips")):
+            if n > self.max_clips:
+                raise ValueError(f"{what} {n} frames, more than model.max_{key}={self.max_clips}")
         if L > self.max_text:
             raise ValueError(f"text has {L} tokens, more than model.max_text={self.max_text}")
         if self.lam_layers and self.lam_key == "position":
-            check_key_positions(self.max_clips + L if L else T, self.lam_max_len)
+            check_key_positions(self.max_clips + self.max_text + A if A else (self.max_clips + L if L else T), self.lam_max_len)
         dtype = self.type_embed.dtype  # features arrive as float16 from the shards
-        v = self.video_proj(video.to(dtype))
-        if self.video_time is None:
-            v = v + self.video_pos[:T]
-        else:  # padding frames are zeroed so they never leak into a real frame's neighbourhood
-            v = v * video_valid[..., None].to(dtype)
-            v = v + self.video_time(v.transpose(1, 2)).transpose(1, 2)
-        v = v + self.type_embed[0]
-        t = self.text_proj(text.to(dtype)) + self.text_pos[:L] + self.type_embed[1]
-        x = self.drop(torch.cat([v, t], dim=1))
-        valid = torch.cat([video_valid, text_valid], dim=1).bool()
-        positions = torch.cat([torch.arange(T), self.max_clips + torch.arange(L)]).to(x.device)
+        parts = [self._frames(self.video_proj(video.to(dtype)), video_valid) + self.type_embed[0]]
+        if A:
+            parts.append(self._frames(self.audio_proj(audio.to(dtype)), audio_valid) + self.audio_type)
+        parts.append(self.text_proj(text.to(dtype)) + self.text_pos[:L] + self.type_embed[1])
+        x = self.drop(torch.cat(parts, dim=1))
+        valid = torch.cat([video_valid, *([audio_valid] if A else []), text_valid], dim=1).bool()
+        audio_at = self.max_clips + self.max_text
+        positions = torch.cat([torch.arange(T), audio_at + torch.arange(A), self.max_clips + torch.arange(L)]).to(x.device)
         return x, valid, positions
 
-    def forward(self, video: Tensor, video_valid: Tensor, text: Tensor, text_valid: Tensor) -> Tensor:
-        x, valid, positions = self._embed(video, video_valid, text, text_valid)
+    def _frames(self, v: Tensor, valid: Tensor) -> Tensor:
+        """+ time: the position table, or the depthwise conv over zeroed padding (it never leaks into a real frame)."""
+        if self.video_time is None:
+            return v + self.video_pos[: v.shape[1]]
+        v = v * valid[..., None].to(v.dtype)
+        return v + self.video_time(v.transpose(1, 2)).transpose(1, 2)
+
+    def forward(self, video: Tensor, video_valid: Tensor, text: Tensor, text_valid: Tensor, audio: Tensor | None = None,
+                audio_valid: Tensor | None = None, every_token: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """The video frames' states (B, T, dim); `every_token`: every token's state (B, T + A + L, dim), video
+        then audio then text, and which are real (a decoder attends to all of them). One entry point, so
+        ZeRO-3's forward hook gathers this module's own parameters for either."""
+        x, valid, positions = self._embed(video, video_valid, text, text_valid, audio, audio_valid)
         if self._capture is not None:
             self._capture.select(valid)
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
             x = checkpoint(blk, x, valid, positions, use_reentrant=False) if recompute else blk(x, valid, positions)
-        return self.norm(x)[:, : video.shape[1]]
+        x = self.norm(x)
+        return (x, valid) if every_token else x[:, : video.shape[1]]
 
     def capture_masks(self, sample: int = 0, max_tokens: int = 512):
         """Inside the block, forwards record [(layer, M)]: sample `sample`'s mask (Hm, n, n) over its

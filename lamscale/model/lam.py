@@ -160,6 +160,18 @@ class MaskGenerator(nn.Module):
             g, c = gc[..., :r], gc[..., r]
         return h, g, c
 
+    def query_factors(self, x: Tensor) -> Tensor:
+        """h (B, Hm, n, r) of the query rows x (B, n, D): for a cross-attention mask of Lq × Lk."""
+        return self.query_mlp(x).view(x.shape[0], x.shape[1], self.mask_heads, self.rank).transpose(1, 2)
+
+    def key_factors(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(g, c) of the key rows x (B, N, D), key=token: a cross-attention mask takes them from the
+        encoder's states, computed once per generation."""
+        if self.key != "token":
+            raise ValueError("a cross-attention LAM takes its keys from the encoder's states: it needs key=token")
+        gc = self.key_mlp(x).view(x.shape[0], x.shape[1], self.mask_heads, self.rank + 1).transpose(1, 2)
+        return gc[..., : self.rank], gc[..., self.rank]
+
     def no_weight_decay(self) -> set[str]:
         """The key table is the mask itself (M = h·g + c): decay would pull c from its identity value."""
         return {"key_weight", "key_bias"} if self.key == "position" else set()

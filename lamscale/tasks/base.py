@@ -83,6 +83,14 @@ class Task:
         """Extra TensorBoard images from an eval ({tag: HWC uint8 array}), e.g. a confusion matrix."""
         return {}
 
+    def texts(self, predictions: list[dict], truths: list[dict]) -> dict[str, str]:
+        """Extra TensorBoard text from an eval ({tag: markdown}), e.g. generated vs reference captions."""
+        return {}
+
+    def preflight(self) -> None:
+        """Checks that need more than the config (tools, files beside the shards), run before any worker
+        starts; raise with one line naming what is wrong."""
+
     def capture_masks(self, model: nn.Module) -> ContextManager[list]:
         """Records the LAM mask maps of the next forward (see Encoder.capture_masks)."""
         capture = getattr(model, "capture_masks", None) or getattr(getattr(model, "encoder", None), "capture_masks", None)

@@ -114,5 +114,43 @@ class GroundingConfig(TaskConfig):
                               f"({self.eval_window})")
 
 
+@dataclass
+class CaptioningConfig(TaskConfig):
+    """Captioning (MSR-VTT: video + audio clips; MADv2 AD: a movie segment + earlier ADs as context words)."""
+
+    name: str = "captioning"
+    tokenizer: str = ""  # a tokenizers JSON file; "" = tokenizer.json beside data.train's manifest (the build's)
+    max_caption: int = 24  # tokens with [BOS]/[EOS]: longer training targets are cut (and counted), generation stops here
+    decoder_layers: int = 2
+    cross_lam: bool = False  # a LAM (model.lam's settings, key=token) on the decoder's cross-attention too
+    label_smoothing: float = 0.1
+    beam_size: int = 1  # 1: greedy decoding
+    length_penalty: float = 0.0  # GNMT's α: hypotheses ranked by log-probability / ((5 + length) / 6)^α
+    eval_batch: int = 16
+    show_captions: int = 4  # val videos whose generated and reference captions go to TensorBoard at each eval
+    # MADv2 audio description: the frames around an AD and the words before it
+    context_s: float = 30.0  # seconds of frames before the AD's start (the segment ends with the AD)
+    prev_ads: int = 3  # earlier AD sentences given as context words (the most recent ones; ≤ model.max_text in all)
+    subtitles: bool = True  # subtitles overlapping the segment as context words, after the earlier ADs
+
+    def validate(self, cfg: Any) -> None:
+        from lamscale.config import ConfigError, _check_ranges
+
+        _check_ranges({"task.max_caption": (self.max_caption, ">0"), "task.decoder_layers": (self.decoder_layers, ">0"),
+                       "task.label_smoothing": (self.label_smoothing, "[0,1)"), "task.beam_size": (self.beam_size, ">0"),
+                       "task.length_penalty": (self.length_penalty, ">=0"), "task.eval_batch": (self.eval_batch, ">0"),
+                       "task.show_captions": (self.show_captions, ">=0"), "task.context_s": (self.context_s, ">=0"),
+                       "task.prev_ads": (self.prev_ads, ">=0")})
+        if self.max_caption < 3:
+            raise ConfigError(f"task.max_caption: {self.max_caption} leaves no room for a word between [BOS] and [EOS]")
+        m = cfg.model
+        keys = m.max_clips + m.max_text + (m.max_clips if m.audio_dim else 0)
+        if m.lam.layers != "none" and m.lam.key == "position" and m.lam.max_len < keys:
+            raise ConfigError(f"model.lam.max_len: {m.lam.max_len} < {keys} key positions (max_clips frames + max_text "
+                              f"context words + max_clips audio frames when model.audio_dim > 0); raise it or use "
+                              f"model.lam.key=token")
+
+
 TASK_CONFIGS: dict[str, type[TaskConfig]] = {"moment_retrieval": MomentRetrievalConfig,
-                                             "classification": ClassificationConfig, "grounding": GroundingConfig}
+                                             "classification": ClassificationConfig, "grounding": GroundingConfig,
+                                             "captioning": CaptioningConfig}

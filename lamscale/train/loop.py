@@ -165,6 +165,7 @@ class Trainer:
             self.monitor.scalars(self.step, {**metrics["brief"], "truncated": sum(n for _, _, n in gathered)}, "val/")
             self.monitor.mask_images(self.step, maps)
             self.monitor.images(self.step, self.task.images(metrics))
+            self.monitor.texts(self.step, self.task.texts(predictions, truths))
         label = "" if split == "val" else f" ({split})"
         self.say(f"eval{label} @ {self.step}: {self.task.eval_line(metrics, self.chance)}")
         return report

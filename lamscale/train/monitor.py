@@ -73,6 +73,10 @@ class Monitor:
         for tag, image in images.items():  # HWC uint8
             self.writer.add_image(tag, image, step, dataformats="HWC")
 
+    def texts(self, step: int, texts: dict[str, str]) -> None:
+        for tag, text in texts.items():  # markdown (TensorBoard's Text tab renders tables)
+            self.writer.add_text(tag, text, step)
+
     def progress(self, step: int, loss: float, lr: float, samples_per_s: float) -> str:
         done = step - self.start_step
         elapsed = time.time() - self.start_time

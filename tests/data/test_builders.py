@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from lamscale import cli, storage
+from lamscale.data.captions import load_tokenizer
 from lamscale.data.schema import decode_sample
 from lamscale.data.stream import expand_urls, iter_samples
 from lamscale.data.verify import sample_problems, tar_samples
@@ -45,6 +46,7 @@ def read_back(url):
 
 
 def assert_counts_add_up(manifest, rejects):
+    """One input per sample (formats whose inputs are the samples themselves)."""
     for split, c in manifest["counts"].items():
         assert c["written"] + c["rejected"] == c["input"]
         assert c["written"] == manifest["splits"][split]["samples"] == sum(s["samples"] for s in manifest["splits"][split]["shards"])
@@ -269,6 +271,7 @@ def write_msrvtt(root: Path, n_videos: int = 7) -> dict:
     sentences = [{"video_id": f"video{i}", "caption": f"caption {j} of video {i}", "sen_id": 10 * i + j}
                  for i in range(n_videos) if i not in (4, 6) for j in range(1 + i % 3)]
     sentences.append({"video_id": "video99", "caption": "a caption of no listed video", "sen_id": 999})
+    sentences.append({"video_id": "video0", "caption": "  ", "sen_id": 5})  # an empty caption: rejected alone
     (root / "video_features").mkdir(parents=True)
     (root / "audio_features").mkdir()
     (root / "train_val_videodatainfo.json").write_text(json.dumps({"info": {}, "videos": videos[:4] + videos[5:], "sentences": sentences}))
@@ -293,22 +296,50 @@ def test_msrvtt_round_trip_and_rejects(tmp_path, capsys):
     code, stdout, _ = build(capsys, tmp_path / "msrvtt", "--format", "msrvtt", "--out", f"file://{out}")
     assert code == 0, stdout
     manifest, rejects = manifest_of(out), rejects_of(out)
-    assert_counts_add_up(manifest, rejects)
-    assert {i: r["kind"] for i, r in rejects.items()} == data["bad"]
+    # inputs are captions, samples are videos: a bad video rejects each of its captions plus a line of its own
+    caption_lines = {i: r["kind"] for i, r in rejects.items() if "inputs" not in r}
+    video_lines = {i: (r["kind"], r["inputs"]) for i, r in rejects.items() if "inputs" in r}
+    assert caption_lines == {"5": "bad_caption", "10": "missing_file", "11": "missing_file", "20": "nonfinite",
+                             "21": "nonfinite", "22": "nonfinite", "50": "bad_dim", "51": "bad_dim", "52": "bad_dim"}
+    assert video_lines == {"video1": ("missing_file", 2), "video2": ("nonfinite", 3), "video4": ("no_captions", 0),
+                           "video5": ("bad_dim", 3), "video6": ("no_captions", 0)}
+    assert rejects["5"]["item"] == "video0" and "video video0 sen_id 5: caption '  ' is empty" in rejects["5"]["reason"]
+    assert manifest["counts"]["train"] == {"input": 10, "written": 1, "rejected": 9,
+                                           "rejected_by_kind": {"bad_caption": 1, "missing_file": 2, "nonfinite": 3, "bad_dim": 3},
+                                           "videos": {"input": 5, "written": 1, "rejected": 4}}
+    assert manifest["counts"]["test"]["videos"] == {"input": 1, "written": 0, "rejected": 1}
     assert list(manifest["splits"]) == ["train", "validate", "test"]
     assert manifest["feature_dims"] == {"video": 16, "audio": 8} and manifest["orphan_captions"] == 1
     assert manifest["members"] == ["audio.npy", "json", "video.npy"]
-    assert "audio_features/video1.npy" in rejects["video1"]["reason"]
+    assert "audio_features/video1.npy" in rejects["10"]["reason"]
+    # the vocabulary: the training split's usable captions only (video3 is in validate)
+    tokenizer = load_tokenizer(str(out / manifest["tokenizer"]))
+    vocab = tokenizer.get_vocab()
+    assert {"caption", "of", "video", "0", "1", "2", "5"} <= set(vocab) and "3" not in vocab
+    assert json.loads((out / manifest["caption_stats"]).read_text())["most_frequent"] == "caption 0 of video 0"
     back = read_back(out)
     assert set(back["train"]) == {"video0"} and set(back["validate"]) == {"video3"} and back["test"] == {}
     for split in back.values():
         for key, sample in split.items():
             video, audio = data["features"][key]
             assert np.array_equal(sample.arrays["video"], video) and np.array_equal(sample.arrays["audio"], audio)
-            captions = [s for s in data["sentences"] if s["video_id"] == key]
+            captions = [s for s in data["sentences"] if s["video_id"] == key and s["caption"].strip()]
             assert sample.meta["captions"] == [s["caption"] for s in captions]
             assert sample.meta["sen_ids"] == [s["sen_id"] for s in captions]
             assert {k: sample.meta[k] for k in data["videos"][key]} == data["videos"][key]
+
+
+def test_msrvtt_training_caption_of_only_unknown_words_is_rejected(tmp_path, capsys):
+    """With min_frequency=1 every training word is known, except what the normaliser strips: a caption of
+    combining accents only (NFD + StripAccents) has no token at all."""
+    data = write_msrvtt(tmp_path / "msrvtt", n_videos=4)
+    info = json.loads((tmp_path / "msrvtt" / "train_val_videodatainfo.json").read_text())
+    info["sentences"].append({"video_id": "video0", "caption": "\u0301\u0301", "sen_id": 7})
+    (tmp_path / "msrvtt" / "train_val_videodatainfo.json").write_text(json.dumps(info))
+    assert build(capsys, tmp_path / "msrvtt", "--format", "msrvtt", "--out", tmp_path / "out")[0] == 0
+    line = rejects_of(tmp_path / "out")["7"]
+    assert line["kind"] == "bad_caption" and "has no tokens" in line["reason"] and line["item"] == "video0"
+    assert data["videos"]["video0"]["split"] == "train"
 
 
 # --- the command around the builders ------------------------------------------------------------------
@@ -353,4 +384,4 @@ def test_build_into_s3(seaweedfs, tmp_path, capsys, monkeypatch):
     assert "OK" in capsys.readouterr().out
     sample = read_back(url)["train"]["video0"]
     assert np.array_equal(sample.arrays["video"], data["features"]["video0"][0])
-    assert rejects_of(url).keys() == data["bad"].keys()
+    assert {i for i, r in rejects_of(url).items() if "inputs" in r} == data["bad"].keys()

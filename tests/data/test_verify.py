@@ -99,7 +99,8 @@ def test_stats_table_histogram_and_png(dataset, tmp_path, capsys):
     text = "\n".join(lines)
     assert lines[0] == f"{dataset}: format msrvtt, schema 1, feature dims {{'video': 16, 'audio': 8}}"
     rows = {l.split()[0]: l.split()[1:5] for l in lines[2:4]}
-    assert rows == {"train": ["2", "3", "0", rows["train"][3]], "validate": ["1", "1", "0", rows["validate"][3]]}
+    # rejected counts inputs (captions): video0's empty one
+    assert rows == {"train": ["2", "3", "1", rows["train"][3]], "validate": ["1", "1", "0", rows["validate"][3]]}
     assert "train video length: min 8, median 9, mean 9.0, max 10" in text  # videos 0, 1, 2: 8, 9, 10 rows
     assert "  [      8,      16)         3  ########################################" in lines
     assert "train captions: 6 (2.0 per sample)" in text
