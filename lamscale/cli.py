@@ -111,7 +111,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from lamscale.bench.movie import bench_movie
 
         device = "cpu"  # the CPU path in linear memory is what it checks
-        results = bench_movie(args.config, _ints(args.lengths) if args.lengths else [9000, 18000, 36000])
+        results = bench_movie(args.config, _ints(args.lengths) if args.lengths else [9000, 18000, 36000],
+                              overrides=tuple(args.overrides))
     elif args.what == "attention":
         from lamscale.bench.attention import CASES, bench_attention
 
@@ -198,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_plot)
     b = sub.add_parser("bench", help="performance suite: fwd+bwd time and peak memory against N; data-loader throughput")
     b.add_argument("what", choices=["attention", "encoder", "data", "movie"])
-    b.add_argument("--config", default="configs/mad_sample.yaml", help="movie: the run config whose model runs")
+    b.add_argument("--config", default="configs/mad_sample.yaml",
+                   help="movie: the run config whose model runs (grounding: a forward; captioning: a training step)")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="movie: a config override (repeatable), e.g. --set model.dim=64")
     b.add_argument("--device", choices=["cpu", "cuda"], default="")
     b.add_argument("--lengths", default="", help="comma-separated N values")
     b.add_argument("--paired-rounds", type=int, default=8,

@@ -3,10 +3,13 @@
 manifest, a 30k-frame movie read back through webdataset frame for frame, and the context cut from a movie."""
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 import pytest
 import webdataset as wds
 
@@ -283,3 +286,53 @@ def test_missing_member_is_one_line():
     del raw["video.npy"]
     with pytest.raises(SampleError, match=rf"^{URL}: movie '1005_Signs': missing member\(s\) \['video.npy'\]$"):
         decode_ad_movie(raw)
+
+
+# --- captioning over it: the task's data path and a training step over minutes of frames ------------------------------
+
+def test_an_ad_late_in_the_30k_frame_movie_trains_over_8k_frames_of_context(built):
+    """The last AD of the 30,500-frame movie with 1,700 s of context before it: > 8,000 frames in one sequence,
+    through the captioning task's own decode, AD draw and collate, and one training step of its model on CPU."""
+    from lamscale.config import load_config
+    from lamscale.data.stream import expand_urls, iter_samples
+    from lamscale.tasks import get_task
+
+    _, out, manifest = built
+    cfg = load_config("configs/madv2_ad.yaml", [
+        f"data.train={out}/{manifest['splits']['train']['pattern']}", f"data.val={out}/{manifest['splits']['eval']['pattern']}",
+        "cluster.use_gpu=false", "train.precision=fp32", "model.video_dim=16", "model.dim=32", "model.layers=2",
+        "model.heads=4", "model.ffn_mult=2", "model.lam.rank=4", "model.lam.hidden=16", "model.lam.backend=cpp",
+        "model.max_clips=9000", "model.max_text=32", "task.decoder_layers=1", "task.context_s=1700"])
+    task = get_task(cfg)
+    ops = task.sample_ops()
+    movie = next(m for m in iter_samples(expand_urls(cfg.data.train), ops=ops) if m.meta["movie"] == LONG)
+    assert len(movie.video) == 30_500
+    last = len(movie.meta["ads"]) - 1
+    item, _ = ops.ad_item(movie, last)
+    assert len(item.video) >= 8000 and item.context and item.target[1:-1]  # earlier ADs as words; the AD itself
+    batch = task.collate([item])
+    torch.manual_seed(0)
+    model = task.build_model().train()
+    loss, _ = task.loss(model(*batch.inputs()), batch)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.encoder.video_proj[1].weight.grad.abs().sum() > 0  # the frames were learned from
+
+
+def test_a_captioning_training_step_grows_linearly_with_the_segment(tmp_path):
+    """`lamscale bench movie` with a captioning config: a training step (forward + backward) at 2,000 and 8,000
+    frames, each in a fresh process; 4× the frames is ~4× the peak memory (a dense N×N mask would be 16×).
+    Run as its own command: a child forked from this test process would copy its pages into the peak."""
+    small = ["cluster.use_gpu=false", "model.dim=64", "model.layers=2", "model.heads=4", "model.ffn_mult=2",
+             "model.video_dim=16", "task.decoder_layers=1", "model.lam.rank=8", "model.lam.hidden=32",
+             "model.lam.backend=cpp"]
+    cmd = [sys.executable, "-m", "lamscale", "bench", "movie", "--config", "configs/madv2_ad.yaml", "--lengths",
+           "2000,8000", "--out", str(tmp_path / "caption"), *[a for s in small for a in ("--set", s)]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = json.loads((tmp_path / "caption.json").read_text())["rows"]
+    assert not any("error" in r for r in rows), rows
+    assert [r["N"] for r in rows] == [2000 + 88, 8000 + 88]  # + 64 context words + a 24-token caption
+    assert rows[0]["case"] == "madv2_ad training step"
+    assert 2.0 < rows[1]["peak_mib"] / rows[0]["peak_mib"] < 6.0, rows
