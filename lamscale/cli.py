@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from lamscale import storage
 from lamscale.cluster import jobs_cli
 from lamscale.config import ConfigError, load_config
 from lamscale.data import shards_cli
@@ -16,6 +17,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     train(cfg, args.address)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    if args.status:
+        from lamscale.sweep.report import status_lines
+
+        url = args.status if storage.exists(storage.join(storage.normalize(args.status), "sweep_plan.json")) \
+            else storage.join(storage.normalize("runs"), args.status)
+        if not storage.exists(storage.join(url, "sweep_plan.json")):
+            raise FileNotFoundError(f"--status {args.status}: no sweep there (no sweep_plan.json in {url})")
+        print("\n".join(status_lines(url)))
+        return 0
+    if not args.config or not args.grid:
+        raise ValueError("sweep: give CONFIG and at least one --grid key=v1,v2 (or --status NAME)")
+    from lamscale.sweep.tune import run_sweep
+
+    url = run_sweep(args.config, args.grid, args.seeds, args.name, args.overrides, args.address, args.max_concurrent)
+    print(storage.read_bytes(storage.join(url, "sweep.md")).decode(), flush=True)
     return 0
 
 
@@ -156,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     t.add_argument("--address", default="", help="existing Ray cluster (default: start Ray in-process)")
     t.set_defaults(func=_cmd_train)
+
+    sw = sub.add_parser("sweep", help="LAM variants vs baselines over seeds as Ray Tune trials; tables with intervals")
+    sw.add_argument("config", nargs="?", default="")
+    sw.add_argument("overrides", nargs="*", help="key=value overrides for every trial (right after CONFIG)")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a grid axis (repeatable): variant=vanilla,vanilla+params,lam-first,lam-all, combine=mul,add, "
+                         "heads=shared,per_head, or any dotted config key")
+    sw.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 per grid point (train.seed)")
+    sw.add_argument("--name", default="", help="the sweep's folder under run.storage (default sweep-<config name>)")
+    sw.add_argument("--max-concurrent", type=int, default=1, help="trials at a time (each takes cluster.num_workers)")
+    sw.add_argument("--address", default="", help="existing Ray cluster (default: start Ray in-process)")
+    sw.add_argument("--status", default="", metavar="NAME", help="list a sweep's trials (its folder, or its name under runs/)")
+    sw.set_defaults(func=_cmd_sweep)
 
     r = sub.add_parser("resume", help="continue a run from its newest committed checkpoint")
     r.add_argument("run", help="run folder or s3:// prefix")

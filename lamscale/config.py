@@ -59,6 +59,9 @@ class ModelConfig:
     # training on windows and evaluating on whole movies needs)
     time_embedding: Literal["table", "conv"] = "table"
     time_kernel: int = 9  # frames the "conv" time embedding sees (odd)
+    # > 0: each layer gets a per-token MLP branch (dim → extra_mlp → dim) beside attention: a vanilla model
+    # with as many extra parameters as LAM's generators (`lamscale sweep` variant vanilla+params sets it)
+    extra_mlp: int = 0
     lam: LAMConfig = field(default_factory=LAMConfig)
 
 
@@ -264,6 +267,7 @@ def validate(cfg: Config) -> None:
         "model.ffn_mult": (m.ffn_mult, ">0"), "model.dropout": (m.dropout, "[0,1)"),
         "model.video_dim": (m.video_dim, ">0"), "model.text_dim": (m.text_dim, ">0"),
         "model.max_clips": (m.max_clips, ">0"), "model.max_text": (m.max_text, ">0"),
+        "model.audio_dim": (m.audio_dim, ">=0"), "model.extra_mlp": (m.extra_mlp, ">=0"),
         "model.lam.rank": (lam.rank, ">0"), "model.lam.hidden": (lam.hidden, ">0"),
         "model.lam.max_len": (lam.max_len, ">0"), "model.lam.block": (lam.block, ">0"),
         "data.batch_size": (cfg.data.batch_size, ">0"), "data.clip_len": (cfg.data.clip_len, ">0"),

@@ -328,6 +328,8 @@ class _StopOnSignals:
         self.run_url, self.interrupted, self.previous = run_url, False, {}
 
     def __enter__(self) -> "_StopOnSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # a sweep's trial runs in a Tune thread: the sweep's driver owns the signals
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -45,17 +45,22 @@ class FeedForward(nn.Sequential):
 
 
 class Block(nn.Module):
-    """Pre-LN Transformer layer; its attention has a MaskGenerator iff `use_lam`."""
+    """Pre-LN Transformer layer; its attention has a MaskGenerator iff `use_lam`. `extra_hidden` > 0 adds a
+    per-token MLP branch beside attention, fed the same input a LAM generator is (model.extra_mlp: the
+    parameter-matched vanilla control of the ablation)."""
 
-    def __init__(self, dim: int, heads: int, ffn_mult: int, dropout: float, lam: LAMConfig, use_lam: bool) -> None:
+    def __init__(self, dim: int, heads: int, ffn_mult: int, dropout: float, lam: LAMConfig, use_lam: bool,
+                 extra_hidden: int = 0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, dropout, lam, use_lam)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, ffn_mult, dropout)
+        self.extra = nn.Sequential(nn.Linear(dim, extra_hidden), nn.ReLU(), nn.Linear(extra_hidden, dim)) if extra_hidden else None
 
     def forward(self, x: Tensor, key_valid: Tensor, positions: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), key_valid, positions)
+        h = self.norm1(x)
+        x = x + self.attn(h, key_valid, positions) + (self.extra(h) if self.extra is not None else 0)
         return x + self.ffn(self.norm2(x))
 
 
@@ -83,7 +88,7 @@ class Encoder(nn.Module):
         self.text_pos = nn.Parameter(torch.zeros(cfg.max_text, cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.heads, cfg.ffn_mult, cfg.dropout, cfg.lam, use_lam=i in self.lam_layers)
+            Block(cfg.dim, cfg.heads, cfg.ffn_mult, cfg.dropout, cfg.lam, use_lam=i in self.lam_layers, extra_hidden=cfg.extra_mlp)
             for i in range(cfg.layers)
         )
         self.norm = nn.LayerNorm(cfg.dim)

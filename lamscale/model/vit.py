@@ -38,7 +38,7 @@ class ViT(nn.Module):
         self.pos_cls = nn.Parameter(torch.zeros(1, cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.heads, cfg.ffn_mult, cfg.dropout, cfg.lam, use_lam=i in self.lam_layers)
+            Block(cfg.dim, cfg.heads, cfg.ffn_mult, cfg.dropout, cfg.lam, use_lam=i in self.lam_layers, extra_hidden=cfg.extra_mlp)
             for i in range(cfg.layers)
         )
         self.norm = nn.LayerNorm(cfg.dim)
