@@ -126,8 +126,8 @@ def plot(rows: list[dict], key: str, path: str) -> None:
     plt.close(fig)
 
 
-def hparams(url: str, results: list[TrialResult]) -> None:
-    """One HParams session per complete trial (the grid point, seed and parameter count → its metrics)."""
+def hparams(url: str, results: list[TrialResult], headline: list[str]) -> None:
+    """One HParams session per complete trial (the grid point, seed and parameter count → its headline metrics)."""
     from torch.utils.tensorboard import SummaryWriter
 
     root = f"{storage.local_path(url)}/hparams"
@@ -137,7 +137,7 @@ def hparams(url: str, results: list[TrialResult]) -> None:
             continue
         with SummaryWriter(f"{root}/{r.name}") as writer:
             writer.add_hparams({**{k: str(v) for k, v in r.point.items()}, "seed": r.seed, "params": r.params},
-                               {f"hparam/{k}": float(v) for k, v in r.metrics.items()}, run_name=".")
+                               {f"hparam/{k}": float(r.metrics[k]) for k in headline if k in r.metrics}, run_name=".")
 
 
 def write_results(url: str) -> dict:
@@ -154,7 +154,7 @@ def write_results(url: str) -> dict:
     storage.write_bytes(storage.join(url, "sweep.json"), json.dumps(report, indent=2).encode())
     storage.write_bytes(storage.join(url, "sweep.md"), markdown(rows, headline, plan).encode())
     plot(rows, task.primary, f"{storage.local_path(url)}/sweep.png")
-    hparams(url, results)
+    hparams(url, results, headline)
     return report
 
 
