@@ -1,7 +1,9 @@
 """Cluster jobs end to end: a real Ray head (`ray start --head`), `lamscale submit|logs|status|stop|runs`.
 
-The head runs in its own session with a private --temp-dir and private ports, and is torn down by
-killing that session's processes: `ray stop` would kill every Ray instance on the machine.
+The head (conftest's shared `ray_cluster`) runs in its own session with a private --temp-dir and private
+ports, and is torn down by killing that session's processes: `ray stop` would kill every Ray instance on the
+machine. One launch serves every test here: a short job and a long one run side by side on its 4 CPUs (the
+long one is stopped after step 2), and beside them `lamscale train` asks for more CPUs than the head has.
 """
 from __future__ import annotations
 
@@ -11,21 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RayHead, free_ports, lamscale_env
+from conftest import free_ports, lamscale_env
 
 pytestmark = pytest.mark.slow
-TINY = ["train.max_steps=6", "train.ckpt_every=3", "train.eval_every=6", "train.log_every=2", "data.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
-def ray_head_node(tmp_path_factory):
+def ray_head_node(ray_cluster):
     """A Ray head (4 CPUs) with the dashboard (Jobs API) on a free port."""
-    head = RayHead()
-    try:
-        head.start()
-        yield head
-    finally:
-        head.stop()
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
@@ -47,48 +43,76 @@ def submit(repo_root: Path, address: str, *args: str) -> str:
     return job_id
 
 
-def test_submit_follow_status_and_runs(repo_root, ray_head, tmp_path):
-    job = submit(repo_root, ray_head, f"run.storage={tmp_path}", "run.name=job", *TINY)
+LONG = ["run.name=long", "train.max_steps=100000", "train.log_every=1", "train.eval_every=100000",
+        "train.ckpt_every=100000", "data.batch_size=8"]
 
-    followed = lamscale(repo_root, "logs", job, "--follow", "--address", ray_head)
+
+@pytest.fixture(scope="module")
+def launched(repo_root, ray_head_node, tmp_path_factory, request):
+    """One launch for the module: a long job (stopped once it logged step 2), a short job (conftest's
+    reference_job: test_train_e2e.py's 12-step reference run), and `lamscale train --address` asking for 5 CPUs
+    of the 4, all at once on the head. Returns what each produced."""
+    head, storage = ray_head_node.address, tmp_path_factory.mktemp("jobs")
+    small_storage = tmp_path_factory.mktemp("small")
+    long = submit(repo_root, head, f"run.storage={storage}", *LONG)
+    reference = request.getfixturevalue("reference_job")
+    short = reference["job"]
+    small = subprocess.Popen([sys.executable, "-m", "lamscale", "train", "configs/tiny.yaml",
+                              f"run.storage={small_storage}", "run.name=small", "cluster.num_workers=5", "--address",
+                              ray_head_node.gcs_address], cwd=repo_root,
+                             env=lamscale_env({"LAMSCALE_RESOURCE_WAIT_S": "3"}), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    follower = subprocess.Popen([sys.executable, "-m", "lamscale", "logs", long, "--follow", "--address", head],
+                                cwd=repo_root, env=lamscale_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    seen, stopped, follower_rc = [], None, None
+    try:
+        for line in follower.stdout:
+            seen.append(line)
+            if "step 2/100000" in line:
+                break
+        if any("step 2/100000" in line for line in seen):
+            stopped = lamscale(repo_root, "stop", long, "--address", head, timeout=300)
+            seen += follower.stdout.readlines()  # the follower ends with the job
+            follower_rc = follower.wait(60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    followed = lamscale(repo_root, "logs", short, "--follow", "--address", head)
+    small_out, small_err = small.communicate(timeout=180)
+    return {"head": head, "storage": storage, "short": short, "short_storage": reference["storage"], "followed": followed, "long": long, "seen": seen,
+            "stopped": stopped, "follower_rc": follower_rc,
+            "small": subprocess.CompletedProcess(small.args, small.returncode, small_out, small_err),
+            "small_storage": small_storage}
+
+
+def test_submit_follow_status_and_runs(repo_root, launched):
+    job, ray_head = launched["short"], launched["head"]
+
+    followed = launched["followed"]
     out = followed.stdout + followed.stderr
     assert followed.returncode == 0, out[-3000:]
-    assert "step 6/6" in out and "checkpoint step 6 committed" in out and "eval @ 6" in out, out[-3000:]
+    assert "step 12/12" in out and "checkpoint step 12 committed" in out and "eval @ 6" in out, out[-3000:]
     assert f"job {job}: SUCCEEDED" in out
 
     state = lamscale(repo_root, "status", job, "--address", ray_head)
     assert state.returncode == 0 and state.stdout.strip() == "SUCCEEDED", state.stdout + state.stderr
 
     logs = lamscale(repo_root, "logs", job, "--address", ray_head)
-    assert logs.returncode == 0 and "step 2/6" in logs.stdout and "[lamscale] done:" in logs.stdout, logs.stdout[-3000:]
+    assert logs.returncode == 0 and "step 2/12" in logs.stdout and "[lamscale] done:" in logs.stdout, logs.stdout[-3000:]
 
-    listed = lamscale(repo_root, "runs", str(tmp_path))
+    listed = lamscale(repo_root, "runs", str(launched["short_storage"]))
     assert listed.returncode == 0, listed.stderr
-    row = next(line for line in listed.stdout.splitlines() if line.startswith("job "))
-    assert row.split()[1:3] == ["6/6", "complete"], listed.stdout
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("reference "))
+    assert row.split()[1:3] == ["12/12", "complete"], listed.stdout
 
 
-def test_stop_saves_and_reports_stopped(repo_root, ray_head, tmp_path):
-    job = submit(repo_root, ray_head, f"run.storage={tmp_path}", "run.name=long", "train.max_steps=100000",
-                 "train.log_every=1", "train.eval_every=100000", "train.ckpt_every=100000", "data.batch_size=8")
-    follower = subprocess.Popen([sys.executable, "-m", "lamscale", "logs", job, "--follow", "--address", ray_head],
-                                cwd=repo_root, env=lamscale_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-    seen = []
-    try:
-        for line in follower.stdout:
-            seen.append(line)
-            if "step 2/100000" in line:
-                break
-        assert any("step 2/100000" in line for line in seen), "".join(seen[-40:])
-
-        stopped = lamscale(repo_root, "stop", job, "--address", ray_head, timeout=300)
-        assert stopped.returncode == 0 and stopped.stdout.strip() == "STOPPED", stopped.stdout + stopped.stderr
-        seen += follower.stdout.readlines()  # the follower ends with the job
-        assert follower.wait(60) == 0
-    finally:
-        if follower.poll() is None:
-            follower.kill()
+def test_stop_saves_and_reports_stopped(repo_root, launched):
+    job, ray_head, tmp_path, seen = launched["long"], launched["head"], launched["storage"], launched["seen"]
+    assert any("step 2/100000" in line for line in seen), "".join(seen[-40:])
+    stopped = launched["stopped"]
+    assert stopped.returncode == 0 and stopped.stdout.strip() == "STOPPED", stopped.stdout + stopped.stderr
+    assert launched["follower_rc"] == 0
     state = lamscale(repo_root, "status", job, "--address", ray_head)
     assert state.stdout.strip() == "STOPPED", state.stdout + state.stderr
     out = "".join(seen)
@@ -116,18 +140,15 @@ def test_unknown_job_is_one_line(repo_root, ray_head):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "raysubmit_doesnotexist" in done.stderr, done.stderr
 
 
-def test_train_on_a_cluster_too_small_fails_in_one_line_and_runs_says_failed(repo_root, ray_head_node, tmp_path):
+def test_train_on_a_cluster_too_small_fails_in_one_line_and_runs_says_failed(repo_root, launched):
     """`lamscale train --address` waits a bounded time for the workers' CPUs, then says what is missing; the
     run, which never reached a checkpoint, is listed as failed (not new)."""
-    done = subprocess.run([sys.executable, "-m", "lamscale", "train", "configs/tiny.yaml", f"run.storage={tmp_path}",
-                           "run.name=small", "cluster.num_workers=5", "--address", ray_head_node.gcs_address],
-                          cwd=repo_root, env=lamscale_env({"LAMSCALE_RESOURCE_WAIT_S": "3"}), capture_output=True,
-                          text=True, timeout=180)
+    done = launched["small"]
     errors = [line for line in done.stderr.splitlines() if line.startswith("lamscale: error:")]
     assert done.returncode == 2 and len(errors) == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert "does not have the 5 CPUs (it has 4)" in errors[0] and "after waiting 3s" in errors[0], errors
     assert "waiting up to 3s for the cluster to offer 5 CPUs (it has 4)" in done.stdout, done.stdout[-2000:]
     assert "RayTrainWorker" not in done.stdout + done.stderr  # refused before any training worker
-    listed = lamscale(repo_root, "runs", str(tmp_path))
+    listed = lamscale(repo_root, "runs", str(launched["small_storage"]))
     row = next(line for line in listed.stdout.splitlines() if line.startswith("small "))
     assert row.split()[1:3] == ["-/300", "failed"], listed.stdout

@@ -2,7 +2,9 @@
 killed at two points (mid-epoch, inside a save; the driver SIGKILLed each time) and re-run each time with
 the same command. The resumed run must log the same per-step losses and end with the same weights, bit
 for bit; the save killed before its commit is never restored from. (A kill right after a commit, which
-must resume from that commit, is in test_s3_run.py.)"""
+must resume from that commit, is in test_s3_run.py.) The killed runs start Ray in-process, as `lamscale train`
+does by default; the reference (a `lamscale submit` job, conftest's reference_job), the re-run and `lamscale eval`
+run on conftest's shared `ray start --head`."""
 from __future__ import annotations
 
 import json
@@ -14,17 +16,17 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from conftest import lamscale_env, reap_process_group, training_workers, wait_gone
+from conftest import REFERENCE_STEPS, lamscale_env, reap_process_group, training_workers, wait_gone
 from lamscale.tasks.qvhighlights_metrics import evaluate, load_jsonl
 
 pytestmark = pytest.mark.slow
-STEPS = ["train.max_steps=12", "train.ckpt_every=4", "train.eval_every=6", "train.log_every=1", "train.keep_last=2",
-         "train.precision=fp32", "data.batch_size=8"]
+STEPS = REFERENCE_STEPS  # the reference run (conftest's reference_job) and every run here
 FAULTS = ["after_step@6", "before_commit@12"]
 
 
-def _run(repo_root: Path, storage: Path, name: str, fault: str = "") -> dict:
-    cmd = [sys.executable, "-m", "lamscale", "train", "configs/tiny.yaml", f"run.storage={storage}", f"run.name={name}", *STEPS]
+def _run(repo_root: Path, storage: Path, name: str, fault: str = "", address: str = "") -> dict:
+    cmd = [sys.executable, "-m", "lamscale", "train", "configs/tiny.yaml", f"run.storage={storage}", f"run.name={name}", *STEPS,
+           *(["--address", address] if address else [])]
     proc = subprocess.Popen(cmd, cwd=repo_root, env=lamscale_env({"LAMSCALE_FAULT": fault} if fault else None),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen, workers = [], []
@@ -41,13 +43,19 @@ def _run(repo_root: Path, storage: Path, name: str, fault: str = "") -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(repo_root, sample_shards, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("runs")
-    reference = _run(repo_root, storage, "reference")
-    assert reference["rc"] == 0, reference["out"][-3000:]
-    interrupted = [_run(repo_root, storage, "interrupted", fault) for fault in FAULTS]
-    final = _run(repo_root, storage, "interrupted")
-    return {"reference": storage / "reference", "run": storage / "interrupted", "interrupted": interrupted, "final": final}
+def runs(repo_root, sample_shards, ray_cluster, reference_job):
+    """The reference is conftest's reference_job (submitted to the shared head, also test_jobs.py's short job):
+    the killed runs go on beside it while it still runs; its log is read once it has ended."""
+    storage = reference_job["storage"]
+    interrupted = [_run(repo_root, storage, "interrupted", fault) for fault in FAULTS]  # private Ray: the driver dies
+    final = _run(repo_root, storage, "interrupted", address=ray_cluster.gcs_address)
+    followed = subprocess.run([sys.executable, "-m", "lamscale", "logs", reference_job["job"], "--follow", "--address",
+                               reference_job["address"]], cwd=repo_root, env=lamscale_env(), capture_output=True,
+                              text=True, timeout=600)
+    reference = followed.stdout + followed.stderr
+    assert followed.returncode == 0 and f"job {reference_job['job']}: SUCCEEDED" in reference, reference[-3000:]
+    return {"reference": reference_job["run"], "run": storage / "interrupted", "interrupted": interrupted,
+            "final": final, "address": ray_cluster.gcs_address}
 
 
 def _start_line(out: str) -> str:
@@ -137,7 +145,8 @@ def test_lamscale_eval_reproduces_the_finished_run(runs, repo_root):
     """`lamscale eval RUN` (newest committed step, on Ray workers like training) writes new files that equal
     the run's own final evaluation."""
     run = runs["run"]
-    done = subprocess.run([sys.executable, "-m", "lamscale", "eval", str(run), "--split", "again"], cwd=repo_root,
+    done = subprocess.run([sys.executable, "-m", "lamscale", "eval", str(run), "--split", "again", "--address",
+                           runs["address"]], cwd=repo_root,
                           env=lamscale_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert json.loads((run / "metrics_again.json").read_text()) == json.loads((run / "metrics_val.json").read_text())
