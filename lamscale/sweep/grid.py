@@ -75,7 +75,7 @@ def trials(grid: dict[str, list[str]], seeds: int) -> list[Trial]:
             if ident in seen:
                 continue
             seen.add(ident)
-            name = "_".join([_short(point["variant"])] * ("variant" in point)
+            name = "_".join(([_short(point["variant"])] if "variant" in point else [])
                             + [f"{k.rsplit('.', 1)[-1]}-{_short(v)}" for k, v in point.items() if k != "variant"]
                             + [f"seed{seed}"])
             overrides = [*VARIANTS.get(point.get("variant", ""), [])]

@@ -39,3 +39,10 @@ def test_a_bad_value_names_the_trial(tmp_path):
     grid = parse_grid(["variant=lam-all", "combine=mul,sum"])
     with pytest.raises(ConfigError, match=r"sweep trial lam-all_combine-sum_seed0: .*model\.lam\.combine"):
         trial_configs("configs/tiny.yaml", [], trials(grid, 1), str(tmp_path))
+
+
+def test_a_grid_without_variants_sweeps_the_config_as_it_is(tmp_path):
+    grid = parse_grid(["combine=mul,add"])
+    assert [t.name for t in trials(grid, 1)] == ["combine-mul_seed0", "combine-add_seed0"]
+    with pytest.raises(ConfigError, match=r"sweep trial combine-bad_seed0: .*model\.lam\.combine"):
+        trial_configs("configs/tiny.yaml", [], trials(parse_grid(["combine=mul,bad"]), 1), str(tmp_path))
