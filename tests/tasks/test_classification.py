@@ -125,7 +125,7 @@ def test_classification_configs_validate_and_build_their_model(name):
 def test_unknown_task_and_bad_patch_are_one_line():
     from lamscale.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"task.name: unknown task 'detection'; expected one of \['classification', 'grounding', 'moment_retrieval'\]"):
+    with pytest.raises(ConfigError, match=r"task.name: unknown task 'detection'; expected one of \['captioning', 'classification', 'grounding', 'moment_retrieval'\]"):
         load_config(ROOT / "configs" / "tiny.yaml", ["task.name=detection"])
     with pytest.raises(ConfigError, match=r"task.patch_size: 5 does not divide task.image_size=28"):
         load_config(ROOT / "configs" / "fashion_mnist_sample.yaml", ["task.patch_size=5"])
