@@ -1,7 +1,9 @@
 """`lamscale sweep` on a real local Ray cluster: a 2 × 2 sweep (vanilla, lam-all × seeds 0, 1) whose driver
-is killed (with its whole process group) after a trial finished and another committed a checkpoint; the
-same command then finishes it without re-running the finished trials, the interrupted one resuming from
-its checkpoint, and writes every result."""
+is killed with every process it started (as when its machine dies: Ray's daemons run in sessions of their
+own, and orphaned workers would otherwise train on for a few steps) after a trial finished and another
+committed a checkpoint; the same command then finishes it without re-running the finished trials, the
+interrupted one resuming from its checkpoint, and writes every result."""
+import contextlib
 import json
 import os
 import signal
@@ -10,12 +12,13 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 
-from conftest import lamscale_env, reap_process_group
+from conftest import lamscale_env, reap_process_group, wait_gone
 
 pytestmark = pytest.mark.slow
-ARGS = ["train.max_steps=6", "train.ckpt_every=2", "train.eval_every=6", "train.log_every=2", "data.batch_size=8",
+ARGS = ["train.max_steps=12", "train.ckpt_every=2", "train.eval_every=12", "train.log_every=2", "data.batch_size=8",
         "cluster.num_workers=1", "--grid", "variant=vanilla,lam-all", "--seeds", "2", "--max-concurrent", "2",
         "--name", "ablation"]
 
@@ -41,7 +44,12 @@ def test_a_killed_sweep_resumes_unfinished_trials_and_keeps_finished_ones(repo_r
             partial = [p for p in runs if p.name not in finished and committed(p)]
             if finished and partial:
                 interrupted = partial[0]
+                started = psutil.Process(proc.pid).children(recursive=True)
                 os.killpg(proc.pid, signal.SIGKILL)  # the driver and the cluster it started, at once
+                for child in started:
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
+                assert wait_gone(started, 60)
                 break
             time.sleep(0.2)
     finally:
@@ -50,7 +58,7 @@ def test_a_killed_sweep_resumes_unfinished_trials_and_keeps_finished_ones(repo_r
     out = "".join(lines)
     assert interrupted is not None, out[-3000:]
     step = committed(interrupted)[-1]
-    assert 2 <= step < 6 and not (interrupted / "metrics_val.json").exists()
+    assert 2 <= step < 12 and not (interrupted / "metrics_val.json").exists()
 
     rerun = subprocess.run(cmd, cwd=repo_root, env=lamscale_env(), capture_output=True, text=True, timeout=900)
     out = rerun.stdout + rerun.stderr
@@ -59,10 +67,10 @@ def test_a_killed_sweep_resumes_unfinished_trials_and_keeps_finished_ones(repo_r
     for name, mtime in finished.items():  # not scheduled again: its run untouched
         assert f"{sweep / name}: " not in out and (sweep / name / "metrics_val.json").stat().st_mtime_ns == mtime, name
     assert f"run {interrupted}: resuming from step {step}" in out, out[-3000:]
-    assert f"resumed at step {step}/6" in out
+    assert f"resumed at step {step}/12" in out
     report = json.loads((sweep / "sweep.json").read_text())
     assert sorted(t["name"] for t in report["trials"]) == ["lam-all_seed0", "lam-all_seed1", "vanilla_seed0", "vanilla_seed1"]
-    assert all(t["state"] == "complete" and t["step"] == 6 and "MR-full-mAP" in t["metrics"] for t in report["trials"])
+    assert all(t["state"] == "complete" and t["step"] == 12 and "MR-full-mAP" in t["metrics"] for t in report["trials"])
     rows = {r["group"]: r for r in report["rows"]}
     lam = rows["variant=lam-all"]["metrics"]["MR-full-mAP"]
     assert lam["vs_vanilla"]["pairs"] == 2 and lam["vs_vanilla"]["ci95"][0] <= lam["vs_vanilla"]["mean"] <= lam["vs_vanilla"]["ci95"][1]
