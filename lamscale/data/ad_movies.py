@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lamscale.data.movies import frames_needed
+from lamscale.data.movies import frames_problem, is_number, meta_problem
 from lamscale.data.schema import SampleError, load_npy, npy_bytes
 
 MEMBERS = ("json", "video.npy")
@@ -57,20 +57,15 @@ def decode_ad_movie(raw: dict) -> ADMovie:
 def ad_movie_problem(sample: ADMovie) -> str:
     """Why this movie is not a valid sample ("" when it is); starts with ": " or ", AD …: "."""
     meta, video = sample.meta, sample.video
-    if not isinstance(meta, dict):
-        return f": json is a {type(meta).__name__}, expected an object"
-    lacking = [f for f in ("movie", "duration", "fps", "ads", "subtitles") if f not in meta]
-    if lacking:
-        return f": json lacks {', '.join(lacking)}"
-    duration, fps = meta["duration"], meta["fps"]
-    if not _number(duration) or duration <= 0 or not _number(fps) or fps <= 0:
-        return f": duration {duration!r} s / fps {fps!r} are not positive numbers"
+    problem = meta_problem(meta, ("movie", "duration", "fps", "ads", "subtitles"))
+    if problem:
+        return problem
+    duration = meta["duration"]
     if video.ndim != 2 or video.shape[0] == 0:
         return f": expected a 2-d (T>0, D) video array, got {video.shape}"
-    if len(video) < frames_needed(duration, fps):
-        return f": {len(video)} frames at {fps} fps cover {len(video) / fps:.1f} s of a {duration} s movie"
-    if not np.isfinite(video).all():
-        return f": video frame {int(np.argwhere(~np.isfinite(video))[0, 0])} holds NaN/Inf"
+    problem = frames_problem(video, duration, meta["fps"])
+    if problem:
+        return problem
     if not isinstance(meta["ads"], list) or not meta["ads"]:
         return ": no ADs"
     previous = -math.inf
@@ -91,17 +86,13 @@ def ad_movie_problem(sample: ADMovie) -> str:
     return ""
 
 
-def _number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _entry_problem(entry: object, fields: tuple[str, ...], duration: float) -> str:
     if not isinstance(entry, dict) or any(f not in entry for f in fields):
         return f"not an object with {', '.join(fields)}"
     text, ts = entry["text"], entry["timestamps"]
     if not isinstance(text, str) or not text.strip():
         return f"text {json.dumps(text)} is empty"
-    if not (isinstance(ts, list) and len(ts) == 2 and all(map(_number, ts))):
+    if not (isinstance(ts, list) and len(ts) == 2 and all(map(is_number, ts))):
         return f"timestamps {ts!r} are not [start, end] seconds"
     if not 0 <= ts[0] <= duration or not 0 <= ts[1] <= duration:
         return f"timestamps {ts} outside the movie [0, {duration}]"

@@ -67,24 +67,18 @@ def decode_movie(raw: dict) -> MovieSample:
 def movie_problem(sample: MovieSample) -> str:
     """Why this movie is not a valid sample ("" when it is); starts with ": " or ", sentence …: "."""
     meta, video, text = sample.meta, sample.video, sample.text
-    if not isinstance(meta, dict):
-        return f": json is a {type(meta).__name__}, expected an object"
-    lacking = [f for f in ("movie", "duration", "fps", "sentences") if f not in meta]
-    if lacking:
-        return f": json lacks {', '.join(lacking)}"
-    duration, fps = meta["duration"], meta["fps"]
-    if not _number(duration) or duration <= 0 or not _number(fps) or fps <= 0:
-        return f": duration {duration!r} s / fps {fps!r} are not positive numbers"
+    problem = meta_problem(meta, ("movie", "duration", "fps", "sentences"))
+    if problem:
+        return problem
     if video.ndim != 2 or text.ndim != 2:
         return f": expected 2-d video/text arrays, got {video.shape} / {text.shape}"
-    if len(video) < frames_needed(duration, fps):
-        return f": {len(video)} frames at {fps} fps cover {len(video) / fps:.1f} s of a {duration} s movie"
-    if not np.isfinite(video).all():
-        return f": video frame {int(np.argwhere(~np.isfinite(video))[0, 0])} holds NaN/Inf"
+    problem = frames_problem(video, meta["duration"], meta["fps"])
+    if problem:
+        return problem
     if not isinstance(meta["sentences"], list) or not meta["sentences"]:
         return ": no sentences"
     for s in meta["sentences"]:
-        problem = _sentence_problem(s, duration, text)
+        problem = _sentence_problem(s, meta["duration"], text)
         if problem:
             sid = s.get("sid", "?") if isinstance(s, dict) else "?"
             return f", sentence {sid!r}: {problem}"
@@ -93,15 +87,38 @@ def movie_problem(sample: MovieSample) -> str:
     return ""
 
 
-def _number(x: object) -> bool:
+def is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def meta_problem(meta: object, fields: tuple[str, ...]) -> str:
+    """What every movie-level sample's json needs ("" when it holds): an object with `fields`, a positive
+    duration (s) and fps. Shared with `ad_movies`."""
+    if not isinstance(meta, dict):
+        return f": json is a {type(meta).__name__}, expected an object"
+    lacking = [f for f in fields if f not in meta]
+    if lacking:
+        return f": json lacks {', '.join(lacking)}"
+    duration, fps = meta["duration"], meta["fps"]
+    if not is_number(duration) or duration <= 0 or not is_number(fps) or fps <= 0:
+        return f": duration {duration!r} s / fps {fps!r} are not positive numbers"
+    return ""
+
+
+def frames_problem(video: np.ndarray, duration: float, fps: float) -> str:
+    """A movie's 2-d frame array covers its duration and is finite ("" when it does)."""
+    if len(video) < frames_needed(duration, fps):
+        return f": {len(video)} frames at {fps} fps cover {len(video) / fps:.1f} s of a {duration} s movie"
+    if not np.isfinite(video).all():
+        return f": video frame {int(np.argwhere(~np.isfinite(video))[0, 0])} holds NaN/Inf"
+    return ""
 
 
 def _sentence_problem(s: object, duration: float, text: np.ndarray) -> str:
     if not isinstance(s, dict) or any(f not in s for f in ("sid", "sentence", "timestamps", "tokens")):
         return "not an object with sid, sentence, timestamps, tokens"
     ts, tok = s["timestamps"], s["tokens"]
-    if not (isinstance(ts, list) and len(ts) == 2 and all(map(_number, ts))):
+    if not (isinstance(ts, list) and len(ts) == 2 and all(map(is_number, ts))):
         return f"timestamps {ts!r} are not [start, end] seconds"
     if not 0 <= ts[0] <= duration or not 0 <= ts[1] <= duration:
         return f"timestamps {ts} outside the movie [0, {duration}]"
