@@ -275,3 +275,56 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_runtest_teardown(item, nextitem):
     if item.nodeid == _SHARED.get("last_user"):
         _stop_shared()  # idle Ray daemons would take CPU from every test after the cluster tests
+
+
+# --- a run and its resumed copy side by side on the shared head ---------------------------------------
+
+def start_train(repo_root: Path, config: str, storage: Path, address: str, name: str, args: list[str]):
+    """Start `lamscale train` on `address`; its output goes to a file (two runs at once: neither may block on
+    an unread pipe). Returns (process, log path)."""
+    log = storage / f"{name}.out"
+    cmd = [sys.executable, "-m", "lamscale", "train", config, f"run.storage={storage}", *args, f"run.name={name}",
+           "--address", address]
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=repo_root, env=lamscale_env(), stdout=f, stderr=subprocess.STDOUT, text=True), log
+
+
+def wait_for(run, needle: str, timeout: float = 600) -> bool:
+    """True once `needle` is in the run's output; False if the run ends first."""
+    proc, log = run
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ended = proc.poll() is not None
+        if needle in log.read_text():
+            return True
+        if ended:
+            return False
+        time.sleep(0.5)
+    return False
+
+
+def finish(run) -> str:
+    proc, log = run
+    proc.wait(600)
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def reference_and_resumed(repo_root: Path, config: str, storage: Path, address: str, args: list[str],
+                          step: int = 4) -> tuple[str, str]:
+    """Runs `reference`; once it has committed `step`, a run `resumed` holding only its config and that
+    checkpoint (a run stopped there) resumes beside it. Returns both outputs once both have finished."""
+    first, second = start_train(repo_root, config, storage, address, "reference", args), None
+    try:
+        assert wait_for(first, f"checkpoint step {step} committed"), first[1].read_text()[-3000:]
+        resumed, checkpoint = storage / "resumed", f"step_{step:08d}"
+        (resumed / "checkpoints").mkdir(parents=True)
+        shutil.copy(storage / "reference" / "config.yaml", resumed / "config.yaml")
+        shutil.copytree(storage / "reference" / "checkpoints" / checkpoint, resumed / "checkpoints" / checkpoint)
+        second = start_train(repo_root, config, storage, address, "resumed", args)
+        return finish(first), finish(second)
+    finally:
+        for proc, _ in filter(None, (first, second)):
+            if proc.poll() is None:
+                proc.kill()

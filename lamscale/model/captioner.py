@@ -39,6 +39,3 @@ class CaptionModel(nn.Module):
             if self.beam_size > 1:
                 return beam_search(self.decoder, memory, valid, self.max_caption, self.beam_size, self.alpha)
             return greedy(self.decoder, memory, valid, self.max_caption)
-
-    def capture_masks(self):
-        return self.encoder.capture_masks()

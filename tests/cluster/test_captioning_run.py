@@ -3,28 +3,15 @@ written as predictions and as TensorBoard text at each eval, and a bit-exact res
 runs go to conftest's shared `ray start --head`, the resumed one beside the reference once it has committed
 step 4 (as test_engine_variants.py does)."""
 import json
-import shutil
-import subprocess
-import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import lamscale_env
-from test_engine_variants import finish, wait_for
+from conftest import reference_and_resumed
 
 pytestmark = pytest.mark.slow
 SHORT = ["train.max_steps=6", "train.eval_every=100", "train.ckpt_every=2", "train.log_every=1", "train.keep_last=3",
          "data.batch_size=8", "data.val=shards/caption_sample/val-{000000..000000}.tar"]
-
-
-def train(repo_root, storage, address, name):
-    """Start a run; its output goes to a file (two runs at once: neither may block on an unread pipe)."""
-    log = storage / f"{name}.out"
-    cmd = [sys.executable, "-m", "lamscale", "train", "configs/captioning_sample.yaml", f"run.storage={storage}",
-           *SHORT, f"run.name={name}", "--address", address]
-    with open(log, "w") as f:
-        return subprocess.Popen(cmd, cwd=repo_root, env=lamscale_env(), stdout=f, stderr=subprocess.STDOUT, text=True), log
 
 
 def events(run):
@@ -34,21 +21,9 @@ def events(run):
 
 
 def test_captioning_trains_generates_scores_and_resumes_bit_exact(repo_root, tmp_path, ray_cluster):
-    first, second = train(repo_root, tmp_path, ray_cluster.gcs_address, "reference"), None
-    try:
-        # a run that stopped at the reference's step-4 commit (its config and that checkpoint, nothing else)
-        # resumes beside it while the reference trains on and evaluates
-        assert wait_for(first, "checkpoint step 4 committed"), first[1].read_text()[-3000:]
-        resumed = tmp_path / "resumed"
-        (resumed / "checkpoints").mkdir(parents=True)
-        shutil.copy(tmp_path / "reference" / "config.yaml", resumed / "config.yaml")
-        shutil.copytree(tmp_path / "reference" / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
-        second = train(repo_root, tmp_path, ray_cluster.gcs_address, "resumed")
-        reference, out = finish(first), finish(second)
-    finally:
-        for proc, _ in filter(None, (first, second)):
-            if proc.poll() is None:
-                proc.kill()
+    reference, out = reference_and_resumed(repo_root, "configs/captioning_sample.yaml", tmp_path,
+                                           ray_cluster.gcs_address, SHORT)
+    resumed = tmp_path / "resumed"
     assert "eval @ 6: CIDEr" in reference and "(most frequent caption 2." in reference, reference[-3000:]
     assert "resumed at step 4/6" in out and "checkpoint step 6 committed" in out, out[-3000:]
     want = {e.step: e.value for e in events(tmp_path / "reference").Scalars("train/loss")}
