@@ -49,7 +49,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lamscale.cluster.launch import evaluate
 
-    evaluate(args.run, args.step, args.data, args.split, args.address)
+    evaluate(args.run, args.step, args.data, args.split, args.address, args.overrides)
     return 0
 
 
@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a committed checkpoint on a shard set (metrics + predictions into the run)")
     e.add_argument("run", help="run folder or s3:// prefix")
+    e.add_argument("overrides", nargs="*", help="key=value: how to decode and read (task.beam_size=5, data.batch_size=4)")
     e.add_argument("--step", type=int, default=None, help="committed step (default: the newest)")
     e.add_argument("--data", default="", help="shard pattern to evaluate (default: the run's data.val)")
     e.add_argument("--split", default="val", help="name in the outputs: predictions_<split>.jsonl, metrics_<split>.json")

@@ -401,9 +401,15 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def resume_changes(stored: dict, cfg: Config) -> list[str]:
-    """`key: old -> new` for each key that differs from the run's stored config and cannot change on resume.
-    Keys the stored config lacks (added since) or no longer known are not compared."""
+# Keys `lamscale eval` may change besides those: how a checkpoint is decoded and read (beam size, eval batch,
+# length buckets). Not the task's name: that picks the head the checkpoint holds.
+EVAL_MAY_CHANGE = (*RESUME_MAY_CHANGE, "task.", "data.")
+
+
+def resume_changes(stored: dict, cfg: Config, may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
+    """`key: old -> new` for each key that differs from the run's stored config and cannot change on resume
+    (or under `may_change`, for eval). Keys the stored config lacks (added since) or no longer known are not
+    compared."""
     old, new = _flatten(stored), _flatten(cfg.to_dict())
     return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in new
-            if key in old and old[key] != new[key] and not key.startswith(RESUME_MAY_CHANGE)]
+            if key in old and old[key] != new[key] and (not key.startswith(may_change) or key == "task.name")]

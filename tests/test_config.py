@@ -1,6 +1,6 @@
 import pytest
 
-from lamscale.config import ConfigError, load_config, resume_changes
+from lamscale.config import EVAL_MAY_CHANGE, ConfigError, load_config, resume_changes
 
 
 def test_tiny_loads_with_defaults_and_name(repo_root):
@@ -126,3 +126,13 @@ def test_resume_changes_lists_only_keys_a_checkpoint_cannot_take(repo_root):
         "model.dim: 128 -> 64", "model.lam.layers: 'all' -> [0]", "data.batch_size: 16 -> 8",
         "train.lr: 0.001 -> 0.01", "train.zero_stage: 2 -> 3", "cluster.num_workers: 2 -> 1"]
     assert resume_changes(stored, load_config(repo_root / "configs" / "tiny.yaml")) == []
+
+
+def test_eval_may_change_how_it_decodes_not_what_the_checkpoint_holds(repo_root):
+    stored = load_config(repo_root / "configs" / "tiny.yaml").to_dict()
+    cfg = load_config(repo_root / "configs" / "tiny.yaml",
+                      ["task.nms_iou=0.5", "data.batch_size=4", "model.lam.backend=dense",  # these may change
+                       "model.heads=2", "cluster.num_workers=1"])
+    assert resume_changes(stored, cfg, EVAL_MAY_CHANGE) == ["model.heads: 4 -> 2", "cluster.num_workers: 2 -> 1"]
+    other = load_config(repo_root / "configs" / "tiny.yaml", ["task.name=classification"])
+    assert "task.name: 'moment_retrieval' -> 'classification'" in resume_changes(stored, other, EVAL_MAY_CHANGE)

@@ -16,7 +16,7 @@ import yaml
 from lamscale import storage
 from lamscale.cluster.lease import RunLease
 from lamscale.cluster.runs import clear_failed, mark_failed
-from lamscale.config import Config, ConfigError, resume_changes
+from lamscale.config import EVAL_MAY_CHANGE, Config, ConfigError, resume_changes
 from lamscale.data.stream import absolute_pattern, check_shards, expand_urls
 from lamscale.tasks import get_task
 from lamscale.train.checkpoint import committed_steps
@@ -228,14 +228,21 @@ def _torch_trainer(cfg: Config, run_url: str, address: str, lease: RunLease, wor
     )
 
 
-def evaluate(run: str, step: int | None = None, data: str = "", split: str = "val", address: str = "") -> dict:
+def evaluate(run: str, step: int | None = None, data: str = "", split: str = "val", address: str = "",
+             overrides: list[str] | None = None) -> dict:
     """`lamscale eval`: a committed checkpoint of `run` (the newest by default) on `data` (default: the
-    run's data.val), on Ray workers like training; writes predictions_<split>.* and metrics_<split>.json."""
+    run's data.val), on Ray workers like training; writes predictions_<split>.* and metrics_<split>.json.
+    `overrides` may change how it decodes and reads (task.*, data.*, the backend), not what the checkpoint holds."""
     from lamscale.train.loop import eval_worker
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", split):
         raise ConfigError(f"--split: {split!r} is not a plain name (letters, digits, '-', '_')")
-    cfg = load_run_config(run, [f"data.val={data}"] if data else [])
+    cfg = load_run_config(run, [*(overrides or []), *([f"data.val={data}"] if data else [])])
+    stored = yaml.safe_load(storage.read_bytes(storage.join(storage.normalize(run), "config.yaml"))) or {}
+    changes = resume_changes(stored, cfg, EVAL_MAY_CHANGE)
+    if changes:
+        raise ConfigError(f"{run}: its checkpoints cannot be evaluated under these changes: {'; '.join(changes)} "
+                          "(eval may change task.*, data.*, the backend and where it runs)")
     address = address or cfg.cluster.address
     run_url = run_url_for(cfg)
     cfg.data.val = absolute_pattern(cfg.data.val)

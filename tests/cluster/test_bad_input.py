@@ -127,7 +127,8 @@ def test_eval_refuses_a_step_that_is_not_committed_and_a_bad_split(tmp_path, rep
     (run / "checkpoints" / "step_00000004" / "commit.json").write_text("{}")
     (run / "config.yaml").write_text((repo_root / "configs" / "tiny.yaml").read_text())
     for args, message in ((["--step", "3"], "--step 3: not a committed checkpoint of"),
-                          (["--split", "../x"], "--split: '../x' is not a plain name")):
+                          (["--split", "../x"], "--split: '../x' is not a plain name"),
+                          (["model.dim=64"], "cannot be evaluated under these changes: model.dim: 128 -> 64")):
         result = subprocess.run([sys.executable, "-m", "lamscale", "eval", str(run), *args], cwd=repo_root,
                                 env=lamscale_env(), capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
