@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import partial
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,21 @@ def lam_layer_indices(spec: Union[str, Sequence[int]], num_layers: int) -> list[
             raise ValueError(f"lam.layers: indices {bad} outside 0..{num_layers - 1}")
         return sorted(set(spec))
     raise ValueError(f"lam.layers: expected 'all', 'first', 'none' or a list of indices, got {spec!r}")
+
+
+def init_weights(model: nn.Module, tables: Sequence[Optional[nn.Parameter]], generators: Sequence[MaskGenerator]) -> None:
+    """ViT-style init: tables and Linear weights truncated normal (std 0.02), biases zero; then each LAM
+    generator restores its own init (identity mask, default-scale query MLP). The order fixes seeded weights."""
+    for p in tables:
+        if p is not None:
+            nn.init.trunc_normal_(p, std=0.02)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for gen in generators:
+        gen.reset_parameters()
 
 
 class FeedForward(nn.Sequential):
@@ -100,17 +115,7 @@ class Encoder(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for p in (self.type_embed, self.video_pos, self.text_pos, self.audio_type):
-            if p is not None:
-                nn.init.trunc_normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        # The generators own their init (identity mask, default-scale query MLP): restore it.
-        for gen in self.mask_generators():
-            gen.reset_parameters()
+        init_weights(self, (self.type_embed, self.video_pos, self.text_pos, self.audio_type), self.mask_generators())
 
     def no_weight_decay(self) -> set[str]:
         return {"type_embed", "video_pos", "text_pos", "audio_type"}

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lamscale.config import ModelConfig
-from lamscale.model.encoder import Block, _MaskCapture, capture_masks, lam_layer_indices
+from lamscale.model.encoder import Block, _MaskCapture, capture_masks, init_weights, lam_layer_indices
 from lamscale.model.lam import check_key_positions
 
 
@@ -47,16 +47,8 @@ class ViT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for p in (self.cls_token, self.pos_row, self.pos_col, self.pos_cls):
-            nn.init.trunc_normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        for blk in self.blocks:
-            if blk.attn.mask_gen is not None:
-                blk.attn.mask_gen.reset_parameters()  # identity mask: LAM starts as plain attention
+        init_weights(self, (self.cls_token, self.pos_row, self.pos_col, self.pos_cls),
+                     [blk.attn.mask_gen for blk in self.blocks if blk.attn.mask_gen is not None])
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_row", "pos_col", "pos_cls"}
