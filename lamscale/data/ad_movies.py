@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lamscale.data.movies import frames_problem, is_number, meta_problem
+from lamscale.data.movies import frames_problem, meta_problem, span_problem
 from lamscale.data.schema import SampleError, load_npy, npy_bytes
 
 MEMBERS = ("json", "video.npy")
@@ -89,16 +89,10 @@ def ad_movie_problem(sample: ADMovie) -> str:
 def _entry_problem(entry: object, fields: tuple[str, ...], duration: float) -> str:
     if not isinstance(entry, dict) or any(f not in entry for f in fields):
         return f"not an object with {', '.join(fields)}"
-    text, ts = entry["text"], entry["timestamps"]
+    text = entry["text"]
     if not isinstance(text, str) or not text.strip():
         return f"text {json.dumps(text)} is empty"
-    if not (isinstance(ts, list) and len(ts) == 2 and all(map(is_number, ts))):
-        return f"timestamps {ts!r} are not [start, end] seconds"
-    if not 0 <= ts[0] <= duration or not 0 <= ts[1] <= duration:
-        return f"timestamps {ts} outside the movie [0, {duration}]"
-    if ts[1] <= ts[0]:
-        return f"timestamps {ts} have end <= start"
-    return ""
+    return span_problem(entry["timestamps"], duration)
 
 
 def ad_segment(movie: ADMovie, i: int, context_s: float, max_frames: int) -> tuple[int, int]:

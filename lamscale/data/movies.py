@@ -114,16 +114,24 @@ def frames_problem(video: np.ndarray, duration: float, fps: float) -> str:
     return ""
 
 
-def _sentence_problem(s: object, duration: float, text: np.ndarray) -> str:
-    if not isinstance(s, dict) or any(f not in s for f in ("sid", "sentence", "timestamps", "tokens")):
-        return "not an object with sid, sentence, timestamps, tokens"
-    ts, tok = s["timestamps"], s["tokens"]
+def span_problem(ts: object, duration: float) -> str:
+    """Why `ts` is not a [start, end] span (seconds) inside a movie of `duration` s; "" if it is."""
     if not (isinstance(ts, list) and len(ts) == 2 and all(map(is_number, ts))):
         return f"timestamps {ts!r} are not [start, end] seconds"
     if not 0 <= ts[0] <= duration or not 0 <= ts[1] <= duration:
         return f"timestamps {ts} outside the movie [0, {duration}]"
     if ts[1] <= ts[0]:
         return f"timestamps {ts} have end <= start"
+    return ""
+
+
+def _sentence_problem(s: object, duration: float, text: np.ndarray) -> str:
+    if not isinstance(s, dict) or any(f not in s for f in ("sid", "sentence", "timestamps", "tokens")):
+        return "not an object with sid, sentence, timestamps, tokens"
+    ts, tok = s["timestamps"], s["tokens"]
+    problem = span_problem(ts, duration)
+    if problem:
+        return problem
     if not (isinstance(tok, list) and len(tok) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in tok)):
         return f"tokens {tok!r} is not [offset, count]"
     if tok[0] < 0 or tok[1] < 1 or tok[0] + tok[1] > len(text):
