@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lamscale.data.builders import FORMAT_NAMES, BuildOptions, BuildResult, build
-from lamscale.data.verify import format_stats, plot_lengths, stats, verify
-from lamscale.data.writer import parse_size
+from lamscale.data.formats import FORMAT_NAMES
+
+if TYPE_CHECKING:  # the builders import webdataset and torch: only the command that runs them does
+    from lamscale.data.builders import BuildOptions, BuildResult
 
 SHOWN_REJECTS = 5  # the summary shows a few; rejects.jsonl has them all
 
@@ -56,6 +58,9 @@ def _list(text: str) -> list[str] | None:
 
 
 def options(args: argparse.Namespace) -> BuildOptions:
+    from lamscale.data.builders import BuildOptions
+    from lamscale.data.writer import parse_size
+
     dims = {k: getattr(args, f"{k}_dim") for k in ("video", "text", "audio") if getattr(args, f"{k}_dim") is not None}
     bad = {k: d for k, d in dims.items() if d <= 0}
     if bad:
@@ -113,6 +118,8 @@ def summary(result: BuildResult) -> list[str]:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    from lamscale.data.builders import build
+
     result = build(args.format, options(args))
     print("\n".join(summary(result)), flush=True)
     written = sum(c["written"] for c in result.manifest["counts"].values())
@@ -120,6 +127,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from lamscale.data.verify import verify
+
     report = verify(args.url)
     for line in report.problems:
         print(line)
@@ -129,6 +138,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
+    from lamscale.data.verify import format_stats, plot_lengths, stats
+
     st = stats(args.url)
     print(format_stats(st), flush=True)
     if args.png:

@@ -20,9 +20,8 @@ from tqdm import tqdm
 
 from lamscale import storage
 from lamscale.data.schema import IMAGE_EXTENSIONS, SCHEMA_VERSION, Sample, encode_sample, safe_key
+from lamscale.data.formats import FORMAT_NAMES
 from lamscale.data.writer import ShardWriter, write_manifest
-
-FORMAT_NAMES = ("qvhighlights", "mad", "madv2_ad", "imagefolder", "msrvtt", "idx")
 REJECTS_FILE = "rejects.jsonl"
 
 
