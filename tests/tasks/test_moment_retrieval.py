@@ -103,3 +103,26 @@ def test_ranking_loss_on_a_movie_is_not_quadratic():
     assert float(loss) == 0.0 and rec.max_numel < T * T // 8
     bad = _ranking_loss(-target * 10, target, torch.ones(1, T, dtype=torch.bool), margin=0.2)
     assert float(bad) > 1.0  # reversed order is penalised by the sampled pairs too
+
+
+def test_nms_equals_the_greedy_definition_on_random_windows():
+    """Against the definition, written out pair by pair: best score first, drop a row whose IoU with any kept
+    row exceeds the threshold, stop at `keep` (ties in score keep their input order)."""
+    import random
+
+    from lamscale.tasks.localization import iou, nms
+
+    rng = random.Random(0)
+    for trial in range(200):
+        rows = []
+        for _ in range(rng.randrange(1, 40)):
+            start = round(rng.uniform(0, 50), 2)
+            rows.append([start, round(start + rng.uniform(0.5, 20), 2), round(rng.choice([0.5, rng.random()]), 4)])
+        threshold, keep = rng.choice([0.0, 0.3, 0.5, 0.7]), rng.randrange(1, 12)
+        expected = []
+        for row in sorted(rows, key=lambda r: -r[2]):  # sorted() is stable: ties keep their input order
+            if all(iou(row, k) <= threshold for k in expected):
+                expected.append(row)
+            if len(expected) == keep:
+                break
+        assert nms(rows, threshold, keep) == expected, (trial, rows, threshold, keep)
