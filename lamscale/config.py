@@ -402,8 +402,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 # Keys `lamscale eval` may change besides those: how a checkpoint is decoded and read (beam size, eval batch,
-# length buckets). Not the task's name: that picks the head the checkpoint holds.
+# length buckets).
 EVAL_MAY_CHANGE = (*RESUME_MAY_CHANGE, "task.", "data.")
+# Fixed whatever the prefixes above allow: the task's name picks the head the checkpoint holds.
+NEVER_CHANGES = ("task.name",)
 
 
 def resume_changes(stored: dict, cfg: Config, may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
@@ -412,4 +414,4 @@ def resume_changes(stored: dict, cfg: Config, may_change: tuple[str, ...] = RESU
     compared."""
     old, new = _flatten(stored), _flatten(cfg.to_dict())
     return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in new
-            if key in old and old[key] != new[key] and (not key.startswith(may_change) or key == "task.name")]
+            if key in old and old[key] != new[key] and (not key.startswith(may_change) or key in NEVER_CHANGES)]

@@ -266,17 +266,14 @@ def _stop_shared() -> None:
         head.stop()
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(session, config, items):
-    users = [item for item in items if "ray_cluster" in getattr(item, "fixturenames", ())]
-    for item in users:  # `make test` runs pytest-xdist --dist loadgroup: one worker, in order, owns the head
-        item.add_marker(pytest.mark.xdist_group("ray_head"))
-    _SHARED["last_user"] = users[-1] if users else None  # the item: xdist appends the group to its nodeid
+    users = [i for i, item in enumerate(items) if "ray_cluster" in getattr(item, "fixturenames", ())]
+    _SHARED["last_user"] = items[users[-1]].nodeid if users else None
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
-    if item is _SHARED.get("last_user"):
+    if item.nodeid == _SHARED.get("last_user"):
         _stop_shared()  # idle Ray daemons would take CPU from every test after the cluster tests
 
 

@@ -237,12 +237,7 @@ def evaluate(run: str, step: int | None = None, data: str = "", split: str = "va
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", split):
         raise ConfigError(f"--split: {split!r} is not a plain name (letters, digits, '-', '_')")
-    cfg = load_run_config(run, [*(overrides or []), *([f"data.val={data}"] if data else [])])
-    stored = yaml.safe_load(storage.read_bytes(storage.join(storage.normalize(run), "config.yaml"))) or {}
-    changes = resume_changes(stored, cfg, EVAL_MAY_CHANGE)
-    if changes:
-        raise ConfigError(f"{run}: its checkpoints cannot be evaluated under these changes: {'; '.join(changes)} "
-                          "(eval may change task.*, data.*, the backend and where it runs)")
+    cfg = load_run_config(run, [*(overrides or []), *([f"data.val={data}"] if data else [])], EVAL_MAY_CHANGE)
     address = address or cfg.cluster.address
     run_url = run_url_for(cfg)
     cfg.data.val = absolute_pattern(cfg.data.val)
@@ -372,8 +367,9 @@ def _first_cause(failures: dict) -> tuple[int, str]:
     return rank, (errors or lines or [type(failures[rank]).__name__])[-1]
 
 
-def load_run_config(run: str, overrides: list[str]) -> Config:
-    """The saved config of run folder / URL `run`, with its storage and name pointing at it."""
+def load_run_config(run: str, overrides: list[str], may_change: tuple[str, ...] | None = None) -> Config:
+    """The saved config of run folder / URL `run`, with its storage and name pointing at it. With
+    `may_change` (eval), an override of any other key is refused: the checkpoints could not take it."""
     from lamscale.config import load_config
 
     run_url = storage.normalize(run)
@@ -382,8 +378,14 @@ def load_run_config(run: str, overrides: list[str]) -> Config:
         raise ConfigError(f"{run}: not a lamscale run (no config.yaml)")
     parent, name = run_url.rsplit("/", 1)
     local = Path(os.environ.get("TMPDIR", "/tmp")) / f"lamscale-resume-{os.getpid()}.yaml"
-    local.write_bytes(storage.read_bytes(saved))
+    stored = storage.read_bytes(saved)
+    local.write_bytes(stored)
     try:
-        return load_config(local, [*overrides, f"run.storage={parent}", f"run.name={name}"])
+        cfg = load_config(local, [*overrides, f"run.storage={parent}", f"run.name={name}"])
     finally:
         local.unlink(missing_ok=True)
+    changes = resume_changes(yaml.safe_load(stored) or {}, cfg, may_change) if may_change else []
+    if changes:
+        raise ConfigError(f"{run}: its checkpoints cannot be evaluated under these changes: {'; '.join(changes)} "
+                          "(eval may change task.*, data.*, the backend and where it runs)")
+    return cfg
