@@ -90,7 +90,10 @@ class NumelRecorder(TorchDispatchMode):
 def lamscale_env(extra: dict | None = None) -> dict:
     """Environment for a `python -m lamscale` subprocess."""
     # no Ray dashboard in private test clusters: a few CPU-seconds per run, and no test reads it
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0", "LAMSCALE_RAY_DASHBOARD": "0", **(extra or {})}
+    # Ray Train's controller notices a finished or failed worker group at its next poll (default every 2 s): every
+    # run in the suite ends up to 2 s later than it has to; a missed poll is harmless (10 min before it counts)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0", "LAMSCALE_RAY_DASHBOARD": "0",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", **(extra or {})}
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -204,7 +207,7 @@ class RayHead:
                 p.send_signal(signal.SIGTERM)
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=15)
+        _, alive = psutil.wait_procs(procs, timeout=3)  # then as `ray stop --force`: agents take ~10 s to wind down
         for p in alive:
             try:
                 p.kill()
@@ -267,6 +270,13 @@ def _stop_shared() -> None:
 
 
 def pytest_collection_modifyitems(session, config, items):
+    # the modules that use the shared head run one after another (at the first one's place, whole modules, in
+    # their order), so the head stops after them instead of idling through the private-cluster tests between
+    shared = {item.path for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
+    if shared:
+        first = next(i for i, item in enumerate(items) if item.path in shared)
+        rest = [item for item in items[first:] if item.path not in shared]
+        items[first:] = [item for item in items[first:] if item.path in shared] + rest
     users = [i for i, item in enumerate(items) if "ray_cluster" in getattr(item, "fixturenames", ())]
     _SHARED["last_user"] = items[users[-1]].nodeid if users else None
 

@@ -50,7 +50,7 @@ class Trainer:
         self.monitor = Monitor(run_url, self.step, cfg.train.max_steps) if rank == 0 and tensorboard else None
         verb = ("resumed at" if tensorboard else "restored") if steps else "starting at"
         self.say(f"{verb} step {self.step}/{cfg.train.max_steps} "
-                 f"({world} workers, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision})")
+                 f"({world} worker{'s' if world != 1 else ''}, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision})")
         if cfg.train.zero_stage == 3:
             self.say("ZeRO-3 shards {} of {} parameters across ranks".format(*partitioned(self.engine)))
 
