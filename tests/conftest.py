@@ -272,13 +272,13 @@ def _stop_shared() -> None:
 def pytest_collection_modifyitems(session, config, items):
     # the modules that use the shared head run one after another (at the first one's place, whole modules, in
     # their order), so the head stops after them instead of idling through the private-cluster tests between
-    shared = {item.path for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
+    users = [item for item in items if "ray_cluster" in getattr(item, "fixturenames", ())]
+    shared = {item.path for item in users}
     if shared:
         first = next(i for i, item in enumerate(items) if item.path in shared)
         rest = [item for item in items[first:] if item.path not in shared]
         items[first:] = [item for item in items[first:] if item.path in shared] + rest
-    users = [i for i, item in enumerate(items) if "ray_cluster" in getattr(item, "fixturenames", ())]
-    _SHARED["last_user"] = items[users[-1]].nodeid if users else None
+    _SHARED["last_user"] = max(users, key=items.index).nodeid if users else None
 
 
 @pytest.hookimpl(trylast=True)

@@ -216,7 +216,8 @@ def _torch_trainer(cfg: Config, run_url: str, address: str, lease: RunLease, wor
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self):
             # our workers stream their own shards: without Ray Datasets, Ray Train v2's DatasetsCallback only
-            # starts an idle DatasetManager actor per run (a process importing ray.data, ~3 CPU-s)
+            # starts an idle DatasetManager actor per run (a process importing ray.data, ~3 CPU-s). A private
+            # hook of the pinned Ray (pyproject: ray==2.60.0): re-check it when Ray is upgraded
             callbacks = super()._create_default_callbacks()
             return [cb for cb in callbacks if self.datasets or type(cb).__name__ != "DatasetsCallback"]
 
@@ -225,8 +226,7 @@ def _torch_trainer(cfg: Config, run_url: str, address: str, lease: RunLease, wor
     if address:
         _wait_for_cluster_resources(cfg, address)
     c = cfg.cluster
-    trainer_class = Trainer if hasattr(TorchTrainer, "_create_default_callbacks") else TorchTrainer
-    return trainer_class(
+    return Trainer(
         worker,
         train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "driver_pid": os.getpid(), **payload},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
