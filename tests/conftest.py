@@ -158,9 +158,10 @@ class RayHead:
     """`ray start --head` with the dashboard (Jobs API). stop() ends exactly this cluster, like `ray stop`
     would, without touching other Ray instances on the machine (`ray stop` kills them all)."""
 
-    def __init__(self, env: dict | None = None) -> None:
+    def __init__(self, env: dict | None = None, dashboard: bool = True) -> None:
         self.temp = tempfile.mkdtemp(prefix="lsray-", dir="/tmp")  # short: Ray's socket paths live under it
         self.node_env = env or {}  # what every node's processes see (e.g. the object store's credentials)
+        self.dashboard = dashboard  # the Jobs API; a head for `lamscale train --address` alone runs without it
         self.sid = 0
         self.address = self.gcs_address = ""
 
@@ -174,12 +175,12 @@ class RayHead:
                             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **self.node_env})
         cmd = [os.path.join(venv_bin, "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={self.temp}",
+               f"--dashboard-port={dash}", "--num-cpus=4", f"--include-dashboard={str(self.dashboard).lower()}", f"--temp-dir={self.temp}",
                f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--runtime-env-agent-port={rt}",
                f"--dashboard-agent-grpc-port={agent_grpc}", f"--dashboard-agent-listen-port={agent_http}",
                f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
                "--object-store-memory=268435456", "--disable-usage-stats"]
-        self.address, self.gcs_address = f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
+        self.address, self.gcs_address = f"http://127.0.0.1:{dash}" if self.dashboard else "", f"127.0.0.1:{gcs}"
         for attempt in range(3):
             starter = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        start_new_session=True)
@@ -192,7 +193,9 @@ class RayHead:
             assert "timed out during startup" in out and attempt < 2, out[-3000:]
             self.stop(keep_temp=True)
         deadline = time.time() + 120
-        while True:  # ready once the Jobs API answers an authenticated query (Ray ≥ 2.52 may require a token)
+        # `ray start` returns once the raylet is up; the Jobs API is ready once it answers an authenticated
+        # query (Ray ≥ 2.52 may require a token)
+        while self.dashboard:
             probe = subprocess.run([sys.executable, "-m", "lamscale", "status", "lamscale_probe", "--address", self.address],
                                    cwd=ROOT, env=lamscale_env(), capture_output=True, text=True, timeout=60)
             if "does not exist" in probe.stderr:

@@ -1,5 +1,5 @@
 """Shards and run storage on a real S3 server (SeaweedFS), training on a real `ray start --head` cluster:
-the store goes down for 10 s during the uploads (the run rides it out, nothing lost), the driver dies, the
+the store goes down for 6 s during the uploads (the run rides it out, nothing lost), the driver dies, the
 cluster is stopped and a new one started, `lamscale resume s3://…` finishes the run; no credential leaks
 into logs, configs or run files. Last, the store goes down for good under a resumed run: it stops with one
 clear line and the committed checkpoints stay intact."""
@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,9 @@ def s3_shards(seaweedfs, sample_shards):
 
 @pytest.fixture(scope="module")
 def heads(seaweedfs):
-    """Two real Ray clusters, one after the other; their temp dirs (session logs) stay until the module ends."""
-    made = [RayHead(seaweedfs.env()) for _ in range(2)]  # nodes hold the store's credentials, like an instance role
+    """Two real Ray clusters (no dashboard: runs reach them by their GCS address); their temp dirs (session
+    logs) stay until the module ends."""
+    made = [RayHead(seaweedfs.env(), dashboard=False) for _ in range(2)]  # nodes hold the store's credentials
     yield made
     for head in made:
         head.stop()
@@ -60,9 +62,10 @@ def _read_until(proc: subprocess.Popen, needle: str, seen: list[str]) -> bool:
 @pytest.fixture(scope="module")
 def trained_and_resumed(repo_root, seaweedfs, s3_shards, heads):
     """Train on a `ray start --head` cluster from s3:// shards into s3:// storage; right after the commit at
-    step 3 the store is down for 10 s (uploads, shard reads and stop-flag checks retry); the driver is
-    SIGKILLed right after the commit at step 6; the cluster is stopped (all its processes) and a new one
-    started; then `lamscale resume s3://…` on the new cluster finishes the run at step 9."""
+    step 3 the store is down for 6 s (uploads, shard reads and stop-flag checks retry); the driver is
+    SIGKILLed right after the commit at step 6; the cluster is stopped (all its processes); then `lamscale
+    resume s3://…` on a new cluster (started while the first run trained: it shares nothing with it) finishes
+    the run at step 9."""
     first_head, second_head = heads
     first_head.start()
     proc, seen = _popen(repo_root, seaweedfs, "train", "configs/tiny.yaml", "run.storage=s3://lamscale-test/runs",
@@ -70,12 +73,13 @@ def trained_and_resumed(repo_root, seaweedfs, s3_shards, heads):
                         f"data.val={s3_shards}/val-{{000000..000001}}.tar", "train.max_steps=9", *STEPS,
                         "--address", first_head.gcs_address,
                         env={"LAMSCALE_FAULT": "after_commit@6", "LAMSCALE_STORAGE_RETRY_S": "90"}), []
+    starting = ThreadPoolExecutor(1).submit(second_head.start)
     if _read_until(proc, "checkpoint step 3 committed", seen):
-        seaweedfs.restart(down_s=10)
+        seaweedfs.restart(down_s=6)
     rest, _ = proc.communicate(timeout=600)
     first = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + rest, "")
     first_head.stop(keep_temp=True)  # like `ray stop` on every node, without touching other Ray instances here
-    second_head.start()
+    starting.result()  # raises what the second head's start raised
     second = lamscale(repo_root, seaweedfs, "resume", f"s3://{RUN}", "--address", second_head.gcs_address)
     return first, second
 
@@ -168,7 +172,7 @@ def test_store_down_for_good_stops_a_resumed_run_in_one_line(repo_root, seaweedf
     line saying how to go on, and the committed checkpoints stay intact."""
     assert trained_and_resumed[1].returncode == 0
     proc, seen = _popen(repo_root, seaweedfs, "resume", f"s3://{RUN}", "train.max_steps=400", "--address",
-                        heads[1].gcs_address, env={"LAMSCALE_STORAGE_RETRY_S": "6"}), []
+                        heads[1].gcs_address, env={"LAMSCALE_STORAGE_RETRY_S": "3"}), []
     assert _read_until(proc, "checkpoint step 12 committed", seen), "".join(seen[-40:])
     seaweedfs.kill()
     try:
