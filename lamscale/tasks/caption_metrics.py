@@ -6,8 +6,9 @@ dropped) on the references and on the predictions, then ``Bleu(4)``, ``Meteor()`
 SPICE is left out: it needs Stanford CoreNLP models downloaded on first use, which cannot happen here.
 
 Java must be on PATH (the tokenizer and METEOR 1.5 are jars): ``require_java()`` says so in one line.
-METEOR starts a JVM that loads its paraphrase tables (~10 s on a busy 2-core box); ``evaluate`` kills
-it when done, and a caller scoring many sets can pass one from ``meteor_scorer()``. The tokenizer
+METEOR starts a JVM that loads its paraphrase tables (~9 s here, ~1 GB resident; a score of a few
+hundred videos then takes ~0.2 s); ``evaluate`` kills it when done, and a caller scoring many sets can
+pass one from ``meteor_scorer()``, or ``shared_meteor()`` (one per process, kept until it exits). The tokenizer
 writes its input to a temporary file in pycocoevalcap's own folder, which must be writable.
 
 Differences from COCOEvalCap, none changing a score of well-formed input: the inputs are checked
@@ -18,6 +19,7 @@ BLEU's prints are kept off stdout. An empty predicted caption is fine and scores
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -54,11 +56,32 @@ def meteor_scorer() -> Iterator[Meteor]:
     try:
         yield meteor
     finally:
-        # __del__ takes the scorer's lock: a compute_score that raised mid-way still holds it, and
-        # __del__ would block forever. Called twice (again at garbage collection) it does nothing more.
-        if meteor.lock.locked():
-            meteor.lock.release()
-        meteor.__del__()
+        _stop(meteor)
+
+
+def _stop(meteor: Meteor) -> None:
+    # __del__ takes the scorer's lock: a compute_score that raised mid-way still holds it, and __del__
+    # would block forever. Called twice (again at garbage collection) it does nothing more.
+    if meteor.lock.locked():
+        meteor.lock.release()
+    meteor.__del__()
+
+
+_SHARED: list[Meteor] = []
+
+
+def shared_meteor() -> Meteor:
+    """This process's METEOR scorer, started on first use and stopped at exit (its JVM also exits when
+    the process is killed: its stdin closes). A training run's evals and their chance level share it:
+    one JVM start per run instead of two at the first eval and one at every later eval. One left
+    mid-score by an error (its lock still held) or whose JVM died is replaced."""
+    if _SHARED and (_SHARED[0].lock.locked() or _SHARED[0].meteor_p.poll() is not None):
+        _stop(_SHARED.pop())
+    if not _SHARED:
+        require_java()
+        _SHARED.append(Meteor())
+        atexit.register(_stop, _SHARED[0])
+    return _SHARED[0]
 
 
 def _is_id(value: Any) -> bool:

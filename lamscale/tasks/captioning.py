@@ -266,9 +266,9 @@ class Captioning(Task):
         return [{"image_id": m["image_id"], "captions": m["captions"]} for m in batch.meta]
 
     def metrics(self, predictions: list[dict], truths: list[dict]) -> dict:
-        from lamscale.tasks.caption_metrics import evaluate
+        from lamscale.tasks.caption_metrics import evaluate, shared_meteor
 
-        return evaluate(predictions, truths)
+        return evaluate(predictions, truths, meteor=shared_meteor())
 
     def chance(self, truths: list[dict]) -> list[dict]:
         caption = self.baseline_caption()

@@ -208,3 +208,18 @@ def test_require_java_without_java_on_path(tmp_path: Path, monkeypatch) -> None:
     assert "\n" not in msg and msg.startswith("captioning metrics need Java") and "`java` is not on PATH" in msg
     with pytest.raises(RuntimeError, match="need Java"):  # before any JVM would be started
         evaluate([{"image_id": 1, "caption": "a"}], [{"image_id": 1, "captions": ["a"]}])
+
+
+def test_shared_meteor_is_kept_and_a_stuck_one_replaced(meteor) -> None:
+    """A run's evals share one JVM (its start is most of an eval's metric time); one left holding its lock
+    by a score that raised mid-way would block every later eval, so it is stopped and replaced."""
+    truths = [{"image_id": "a", "captions": ["a dog sits fast"]}, {"image_id": "b", "captions": ["the cat sleeps"]}]
+    preds = [{"image_id": "a", "caption": "a dog runs fast"}, {"image_id": "b", "caption": "a cat sleeps"}]
+    shared = caption_metrics.shared_meteor()
+    assert caption_metrics.shared_meteor() is shared and shared.meteor_p.poll() is None
+    want = evaluate(preds, truths, meteor=meteor)["METEOR"]  # a scorer of its own, same jar
+    assert evaluate(preds, truths, meteor=shared)["METEOR"] == want and 0 < want < 1
+    shared.lock.acquire()  # as a compute_score that raised between its write and its read leaves it
+    fresh = caption_metrics.shared_meteor()
+    assert fresh is not shared and shared.meteor_p.poll() is not None  # the stuck JVM was stopped
+    assert caption_metrics.shared_meteor() is fresh and evaluate(preds, truths, meteor=fresh)["METEOR"] == want
