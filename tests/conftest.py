@@ -175,7 +175,8 @@ class RayHead:
                             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **self.node_env})
         cmd = [os.path.join(venv_bin, "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={dash}", "--num-cpus=4", f"--include-dashboard={str(self.dashboard).lower()}", f"--temp-dir={self.temp}",
+               f"--dashboard-port={dash}", "--num-cpus=4", f"--include-dashboard={str(self.dashboard).lower()}",
+               f"--temp-dir={self.temp}",
                f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--runtime-env-agent-port={rt}",
                f"--dashboard-agent-grpc-port={agent_grpc}", f"--dashboard-agent-listen-port={agent_http}",
                f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",

@@ -8,8 +8,8 @@ SPICE is left out: it needs Stanford CoreNLP models downloaded on first use, whi
 Java must be on PATH (the tokenizer and METEOR 1.5 are jars): ``require_java()`` says so in one line.
 METEOR starts a JVM that loads its paraphrase tables (~9 s here, ~1 GB resident; a score of a few
 hundred videos then takes ~0.2 s); ``evaluate`` kills it when done, and a caller scoring many sets can
-pass one from ``meteor_scorer()``, or ``shared_meteor()`` (one per process, kept until it exits). The tokenizer
-writes its input to a temporary file in pycocoevalcap's own folder, which must be writable.
+pass one from ``meteor_scorer()``, or ``shared_meteor()`` (one per process, kept until it exits). The
+tokenizer writes its input to a temporary file in pycocoevalcap's own folder, which must be writable.
 
 Differences from COCOEvalCap, none changing a score of well-formed input: the inputs are checked
 first (one prediction per ground-truth video and no other, else ValueError naming the id);
@@ -67,20 +67,20 @@ def _stop(meteor: Meteor) -> None:
     meteor.__del__()
 
 
-_SHARED: list[Meteor] = []
+_SHARED: list[Meteor] = []  # at most one: shared_meteor()'s scorer
+atexit.register(lambda: _SHARED and _stop(_SHARED.pop()))
 
 
 def shared_meteor() -> Meteor:
-    """This process's METEOR scorer, started on first use and stopped at exit (its JVM also exits when
-    the process is killed: its stdin closes). A training run's evals and their chance level share it:
-    one JVM start per run instead of two at the first eval and one at every later eval. One left
-    mid-score by an error (its lock still held) or whose JVM died is replaced."""
+    """This process's METEOR scorer, for one thread at a time: started on first use and stopped at exit
+    (its JVM also exits when the process is killed: its stdin closes). A training run's evals and their
+    chance level share it: one JVM start per run instead of two at the first eval and one at every later
+    eval. One left mid-score by an error (its lock still held) or whose JVM died is replaced."""
     if _SHARED and (_SHARED[0].lock.locked() or _SHARED[0].meteor_p.poll() is not None):
         _stop(_SHARED.pop())
     if not _SHARED:
         require_java()
         _SHARED.append(Meteor())
-        atexit.register(_stop, _SHARED[0])
     return _SHARED[0]
 
 

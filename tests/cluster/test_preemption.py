@@ -56,8 +56,8 @@ def test_sigterm_and_ctrl_c_save_exit_and_resume(repo_root, sample_shards, tmp_p
     cmd = [sys.executable, "-m", "lamscale", "train", "configs/tiny.yaml", f"run.storage={tmp_path}", *SHORT]
     # SIGTERM: the run goes to conftest's shared head (no cluster of its own to start); the Ctrl-C re-run
     # starts Ray in-process, as `lamscale train` does by default, and its Ray processes are looked at
-    proc = subprocess.Popen([*cmd, "--address", ray_cluster.gcs_address], cwd=repo_root, env=lamscale_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen([*cmd, "--address", ray_cluster.gcs_address], cwd=repo_root, env=lamscale_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)

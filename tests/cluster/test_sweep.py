@@ -20,8 +20,8 @@ from conftest import lamscale_env, reap_process_group, wait_gone
 pytestmark = pytest.mark.slow
 # one val shard (200 queries): each trial's eval on its single worker is half as long
 ARGS = ["train.max_steps=12", "train.ckpt_every=2", "train.eval_every=12", "train.log_every=2", "data.batch_size=8",
-        "data.val=shards/tiny/val-{000000..000000}.tar", "cluster.num_workers=1", "--grid", "variant=vanilla,lam-all", "--seeds", "2", "--max-concurrent", "2",
-        "--name", "ablation"]
+        "data.val=shards/tiny/val-{000000..000000}.tar", "cluster.num_workers=1", "--grid", "variant=vanilla,lam-all",
+        "--seeds", "2", "--max-concurrent", "2", "--name", "ablation"]
 
 
 def committed(run) -> list[int]:
