@@ -13,9 +13,9 @@ from lamscale.storage import StorageError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # a bad config is one line before torch or Ray loads
     from lamscale.cluster.launch import train
 
-    cfg = load_config(args.config, args.overrides)
     train(cfg, args.address)
     return 0
 

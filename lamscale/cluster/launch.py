@@ -17,9 +17,9 @@ from lamscale import storage
 from lamscale.cluster.lease import RunLease
 from lamscale.cluster.runs import clear_failed, mark_failed
 from lamscale.config import EVAL_MAY_CHANGE, Config, ConfigError, resume_changes
-from lamscale.data.stream import absolute_pattern, check_shards, expand_urls
+from lamscale.data.urls import absolute_pattern, check_shards, expand_urls
 from lamscale.tasks import get_task
-from lamscale.train.checkpoint import committed_steps
+from lamscale.train.commits import committed_steps
 from lamscale.train.preempt import STOP_FILE, clear_stop, request_stop
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shards" / "tiny"
@@ -241,8 +241,6 @@ def evaluate(run: str, step: int | None = None, data: str = "", split: str = "va
     """`lamscale eval`: a committed checkpoint of `run` (the newest by default) on `data` (default: the
     run's data.val), on Ray workers like training; writes predictions_<split>.* and metrics_<split>.json.
     `overrides` may change how it decodes and reads (task.*, data.*, the backend), not what the checkpoint holds."""
-    from lamscale.train.loop import eval_worker
-
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", split):
         raise ConfigError(f"--split: {split!r} is not a plain name (letters, digits, '-', '_')")
     cfg = load_run_config(run, [*(overrides or []), *([f"data.val={data}"] if data else [])], EVAL_MAY_CHANGE)
@@ -263,6 +261,8 @@ def evaluate(run: str, step: int | None = None, data: str = "", split: str = "va
     lease.acquire()  # no training run writes the same files meanwhile
     try:
         print(f"[lamscale] evaluating {run_url} step {step} on {cfg.data.val} as '{split}'", flush=True)
+        from lamscale.train.loop import eval_worker  # torch: only once every check has passed
+
         trainer = _torch_trainer(cfg, run_url, address, lease, eval_worker, step=step, split=split)
         with _worker_failures_as_one_line("evaluation failed on rank {rank}: {cause}"):
             _fit_off_main_thread(trainer)

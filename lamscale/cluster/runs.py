@@ -13,7 +13,7 @@ import yaml
 
 from lamscale import storage
 from lamscale.cluster.lease import lease_state
-from lamscale.train.checkpoint import committed_steps
+from lamscale.train.commits import committed_steps
 from lamscale.train.preempt import STOP_FILE
 
 SHOWN_METRICS = ("MR-full-mAP", "HL-min-VeryGood-mAP")

@@ -14,8 +14,8 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from lamscale import storage
 from lamscale.data.schema import SampleError, decode
+from lamscale.data.urls import is_pipe
 
-PIPE = "pipe:"
 SKIP_KINDS = ("samples", "shards")  # a corrupt sample; a shard cut short (the rest of it is lost)
 COUNTED = (*SKIP_KINDS, "truncated")  # data events a stream counts: skips, and samples cut to the model's limits
 
@@ -34,10 +34,6 @@ class ReadOptions:
     allow_pipe: bool = False  # `pipe:CMD` URLs run a shell command per shard
     retry_s: float = 120.0  # how long a remote read keeps retrying before it fails
     block_kib: int = 8192  # bytes fetched per remote range request
-
-
-def is_pipe(url: str) -> bool:
-    return url.startswith(PIPE)
 
 
 def refuse_pipe(urls: list[str], key: str, allowed: bool) -> None:

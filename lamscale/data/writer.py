@@ -5,17 +5,21 @@ import hashlib
 import io
 import json
 import re
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import webdataset as wds
 from tqdm import tqdm
 
 from lamscale import storage
 from lamscale.data.schema import SCHEMA_VERSION, MomentSample, encode
 
+if TYPE_CHECKING:  # webdataset loads torch: imported where a tar is written, not by the driver's sample check
+    import webdataset as wds
+
 
 def write_shards(samples: Iterable[MomentSample], total: int, out_url: str, split: str, n_shards: int) -> dict:
     """Spread `total` samples evenly over `n_shards` shards named `{split}-{i:06d}.tar`."""
+    import webdataset as wds
+
     per_shard = -(-total // n_shards)
     shards, buf, writer, count = [], None, None, 0
 
@@ -87,6 +91,8 @@ class ShardWriter:
             self._close_shard()
         if self._tar is None:
             self._buf, self._count = io.BytesIO(), 0
+            import webdataset as wds
+
             self._tar = wds.TarWriter(self._buf, mtime=0)
         self._tar.write(raw)
         self._count += 1

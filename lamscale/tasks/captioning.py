@@ -26,7 +26,7 @@ from lamscale.data.batch import pad_stack
 from lamscale.data.captions import EOS, STATS_FILE, TOKENIZER_FILE, caption_problem, decode, encode, load_tokenizer
 from lamscale.data.reader import DataError
 from lamscale.data.schema import Sample, SampleError, decode_sample
-from lamscale.data.stream import expand_urls
+from lamscale.data.urls import expand_urls
 from lamscale.tasks import register
 from lamscale.tasks.base import Task
 

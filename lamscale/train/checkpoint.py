@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 
@@ -24,10 +23,10 @@ import torch
 
 from lamscale import storage
 from lamscale.train import faults
+from lamscale.train.commits import STEP_DIR, committed_steps  # noqa: F401 (re-exported)
 from lamscale.train.collectives import Collectives
 
 TAG = "ckpt"  # DeepSpeed's sub-folder name inside each local staging dir
-STEP_DIR = re.compile(r"step_(\d{8})$")
 
 
 def rng_state() -> dict:
@@ -55,20 +54,6 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def committed_steps(run_url: str) -> list[int]:
-    """Steps of the committed checkpoints in `run_url`, oldest first."""
-    fs, root = storage.fs_for(storage.join(run_url, "checkpoints"))
-    fs.invalidate_cache()  # object-store listings are cached per process; other ranks/runs write here
-    if not fs.exists(root):
-        return []
-    steps = []
-    for entry in fs.ls(root, detail=False):
-        m = STEP_DIR.search(entry.rstrip("/"))
-        if m and fs.exists(storage.join(entry, "commit.json")):
-            steps.append(int(m.group(1)))
-    return sorted(steps)
 
 
 class CheckpointStore:

@@ -6,8 +6,12 @@ installed, so the driver (whose main thread can) is the one that listens.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lamscale import storage
-from lamscale.train.collectives import Collectives
+
+if TYPE_CHECKING:  # the driver imports this module for the stop file: it needs no torch
+    from lamscale.train.collectives import Collectives
 
 STOP_FILE = "STOP_REQUESTED"
 

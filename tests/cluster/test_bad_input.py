@@ -133,3 +133,22 @@ def test_eval_refuses_a_step_that_is_not_committed_and_a_bad_split(tmp_path, rep
                                 env=lamscale_env(), capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_refusals_come_before_torch_ray_or_webdataset_load(repo_root, sample_shards, tmp_path):
+    """A bad key, a missing config or shard, a folder that is no run, an uncommitted step: each is answered
+    before the heavy imports (~3 s of CPU), as a user at a prompt expects."""
+    run = tmp_path / "r"
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000004" / "commit.json").write_text("{}")
+    (run / "config.yaml").write_text((repo_root / "configs" / "tiny.yaml").read_text())
+    refusals = [["train", "configs/tiny.yaml", "model.dimm=3"], ["train", "configs/nope.yaml"],
+                ["train", "configs/tiny.yaml", "data.train=/nonexistent/lamscale/train-000000.tar"],
+                ["resume", str(tmp_path)], ["eval", str(run), "--step", "3"]]
+    code = ("import sys\nfrom lamscale.cli import main\n"
+            f"codes = [main(argv) for argv in {refusals!r}]\n"
+            "print(codes, sorted(m for m in ('torch', 'ray', 'webdataset', 'deepspeed') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=lamscale_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2] []", done.stdout + done.stderr
+    assert len(done.stderr.strip().splitlines()) == len(refusals), done.stderr  # one line each
