@@ -147,6 +147,9 @@ def _loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+STATE_API = "LAMSCALE_RAY_STATE_API"  # "0": the cluster this process trains on has no dashboard (set by _start_ray)
+
+
 def _start_ray(cfg: Config, address: str) -> None:
     import ray
 
@@ -165,7 +168,8 @@ def _start_ray(cfg: Config, address: str) -> None:
         use_local_auth_token()  # clusters started where a Ray auth token exists require it
         if "://" not in address and address.rsplit(":", 1)[0].strip("[]") in ("127.0.0.1", "localhost", "::1"):
             _loopback_only()  # else Ray dials this machine's outside IP, where a loopback-only cluster is not
-        ray.init(address=address, log_to_driver=True, runtime_env=env)
+        context = ray.init(address=address, log_to_driver=True, runtime_env=env)
+        os.environ[STATE_API] = "1" if context.dashboard_url else "0"
     else:  # a private in-process cluster sized for this run, on 127.0.0.1 only
         _loopback_only()
         need = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999)
@@ -173,6 +177,7 @@ def _start_ray(cfg: Config, address: str) -> None:
         # on this machine names (then refuses num_cpus), so a run's placement would depend on the shell it came from
         # LAMSCALE_RAY_DASHBOARD=0: no dashboard (its processes cost a few CPU-seconds per start on a small box)
         dashboard = os.environ.get("LAMSCALE_RAY_DASHBOARD", "1") != "0"
+        env["env_vars"][STATE_API] = os.environ[STATE_API] = "1" if dashboard else "0"  # a sweep's trials read it too
         ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=dashboard,
                  _node_ip_address="127.0.0.1", object_store_memory=256 * 2**20, log_to_driver=True, runtime_env=env)
 
@@ -219,7 +224,12 @@ def _torch_trainer(cfg: Config, run_url: str, address: str, lease: RunLease, wor
             # starts an idle DatasetManager actor per run (a process importing ray.data, ~3 CPU-s). A private
             # hook of the pinned Ray (pyproject: ray==2.60.0): re-check it when Ray is upgraded
             callbacks = super()._create_default_callbacks()
-            return [cb for cb in callbacks if self.datasets or type(cb).__name__ != "DatasetsCallback"]
+            dropped = {"DatasetsCallback"} if not self.datasets else set()
+            # its PlacementGroupCleaner actor asks the State API (a full dashboard) whether the controller still
+            # lives: on a cluster without one it can never tell, and logs that failure every second of the run
+            if os.environ.get(STATE_API) == "0":
+                dropped.add("PlacementGroupCleanerCallback")
+            return [cb for cb in callbacks if type(cb).__name__ not in dropped]
 
     _start_ray(cfg, address)
     lease.beat()  # records the raylet: a re-run after this driver is killed waits for it

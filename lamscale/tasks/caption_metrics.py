@@ -126,13 +126,15 @@ def _hypotheses(predictions: list[dict], refs: dict[Any, list[str]], names: tupl
     return hyps
 
 
-def _tokenize(captions: dict[Any, list[str]]) -> dict[Any, list[str]]:
-    """PTBTokenizer, one call per side as COCOEvalCap does; its lines are checked against the captions."""
-    tokens = PTBTokenizer().tokenize({vid: [{"caption": _LINE_BREAKS.sub(" ", c)} for c in caps]
-                                      for vid, caps in captions.items()})
-    if any(len(tokens.get(vid, ())) != len(caps) for vid, caps in captions.items()):  # it zips: lost lines
+def _tokenize(refs: dict[Any, list[str]], hyps: dict[Any, list[str]]) -> tuple[dict, dict]:
+    """PTBTokenizer on references and hypotheses in one call (one JVM, not COCOEvalCap's two: it tokenizes
+    line by line, so the tokens are the same); its lines are checked against the captions."""
+    sides = {(side, vid): caps for side, captions in (("ref", refs), ("hyp", hyps)) for vid, caps in captions.items()}
+    tokens = PTBTokenizer().tokenize({key: [{"caption": _LINE_BREAKS.sub(" ", c)} for c in caps]
+                                      for key, caps in sides.items()})
+    if any(len(tokens.get(key, ())) != len(caps) for key, caps in sides.items()):  # it zips: lost lines
         raise RuntimeError("pycocoevalcap's PTB tokenizer returned another number of lines than captions given")
-    return tokens
+    return ({vid: tokens[("ref", vid)] for vid in refs}, {vid: tokens[("hyp", vid)] for vid in hyps})
 
 
 def evaluate(predictions: list[dict], truths: list[dict], *, meteor: Meteor | None = None,
@@ -145,8 +147,7 @@ def evaluate(predictions: list[dict], truths: list[dict], *, meteor: Meteor | No
     refs = _references(truths, names[1])
     hyps = _hypotheses(predictions, refs, names)
     require_java()
-    gts = _tokenize(refs)
-    res = _tokenize({vid: [hyps[vid]] for vid in refs})
+    gts, res = _tokenize(refs, {vid: [hyps[vid]] for vid in refs})
     with contextlib.ExitStack() as stack:
         if meteor is None:
             meteor = stack.enter_context(meteor_scorer())
