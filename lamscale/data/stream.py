@@ -8,7 +8,7 @@ from typing import Any, Iterator
 from lamscale.data.ops import SampleOps, VideoOps, sample_rng
 from lamscale.data.reader import (COUNTED, DataError, ReadOptions, print_skip, read_samples, refuse_pipe,
                                    shard_samples)
-from lamscale.data.urls import absolute_pattern, check_shards, expand_urls, is_pipe  # noqa: F401 (re-exported)
+from lamscale.data.urls import expand_urls
 
 
 def iter_samples(urls: list[str], options: ReadOptions = ReadOptions(), ops: SampleOps = VideoOps()) -> Iterator[Any]:

@@ -16,7 +16,8 @@ from lamscale.data.loader import TrainLoader, read_options
 from lamscale.data.reader import COUNTED, DataError, SKIP_KINDS
 from lamscale.data.stream import eval_samples
 from lamscale.tasks import get_task
-from lamscale.train.checkpoint import CheckpointStore, committed_steps
+from lamscale.train.checkpoint import CheckpointStore
+from lamscale.train.commits import committed_steps
 from lamscale.train import faults
 from lamscale.train.collectives import Collectives
 from lamscale.train.engine import build_engine, partitioned

@@ -11,7 +11,8 @@ from PIL import Image
 from lamscale import cli, storage
 from lamscale.data.captions import load_tokenizer
 from lamscale.data.schema import decode_sample
-from lamscale.data.stream import expand_urls, iter_samples
+from lamscale.data.stream import iter_samples
+from lamscale.data.urls import expand_urls
 from lamscale.data.verify import sample_problems, tar_samples
 from lamscale.data.writer import parse_size
 

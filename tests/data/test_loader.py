@@ -17,7 +17,8 @@ from lamscale.data.loader import LoaderSpec, TrainLoader
 from lamscale.data.ops import VideoOps
 from lamscale.data.reader import DataError, ReadOptions, read_samples
 from lamscale.data.schema import MomentSample, encode
-from lamscale.data.stream import TrainStream, eval_samples, expand_urls
+from lamscale.data.stream import TrainStream, eval_samples
+from lamscale.data.urls import expand_urls
 from lamscale.data.windows import crop, window_rng
 
 TRAIN = "train-{000000..000003}.tar"  # the embedded sample: 1200 samples in 4 shards of 300

@@ -294,7 +294,8 @@ def test_an_ad_late_in_the_30k_frame_movie_trains_over_8k_frames_of_context(buil
     """The last AD of the 30,500-frame movie with 1,700 s of context before it: > 8,000 frames in one sequence,
     through the captioning task's own decode, AD draw and collate, and one training step of its model on CPU."""
     from lamscale.config import load_config
-    from lamscale.data.stream import expand_urls, iter_samples
+    from lamscale.data.stream import iter_samples
+    from lamscale.data.urls import expand_urls
     from lamscale.tasks import get_task
 
     _, out, manifest = built

@@ -2,7 +2,8 @@ import itertools
 
 import pytest
 
-from lamscale.data.stream import TrainStream, absolute_pattern, check_shards, eval_samples, expand_urls
+from lamscale.data.stream import TrainStream, eval_samples
+from lamscale.data.urls import absolute_pattern, check_shards, expand_urls
 from lamscale.storage import StorageError
 
 TRAIN = "train-{000000..000003}.tar"

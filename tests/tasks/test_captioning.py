@@ -15,7 +15,8 @@ from lamscale.data.caption_sample import build_caption_sample
 from lamscale.data.captions import BOS, EOS, PAD, TOKENIZER_FILE, load_tokenizer, tokenizer_bytes, train_tokenizer
 from lamscale.data.reader import DataError
 from lamscale.data.schema import Sample, SampleError, encode_sample
-from lamscale.data.stream import expand_urls, iter_samples
+from lamscale.data.stream import iter_samples
+from lamscale.data.urls import expand_urls
 from lamscale.tasks import get_task
 
 
