@@ -23,7 +23,7 @@ import torch
 
 from lamscale import storage
 from lamscale.train import faults
-from lamscale.train.commits import STEP_DIR
+from lamscale.train.commits import STEP_DIR, committed_steps
 from lamscale.train.collectives import Collectives
 
 TAG = "ckpt"  # DeepSpeed's sub-folder name inside each local staging dir
