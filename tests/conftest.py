@@ -6,6 +6,7 @@ Test modules import the helpers with `from conftest import …` (tests/ is on sy
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -283,6 +284,29 @@ def pytest_collection_modifyitems(session, config, items):
         rest = [item for item in items[first:] if item.path not in shared]
         items[first:] = [item for item in items[first:] if item.path in shared] + rest
     _SHARED["last_user"] = max(users, key=items.index).nodeid if users else None
+
+
+IN_HEAD_LOG = re.compile(r"destroy|cancel|dead|died|out of scope|TrainController", re.I)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test on the shared head gets the head's own warnings and errors (GCS, raylet) in its report:
+    the head's temp dir is gone once it stops, and a CI log is all there is to read afterwards."""
+    outcome = yield
+    report = outcome.get_result()
+    head = _SHARED.get("head")
+    if report.failed and head is not None and "ray_cluster" in getattr(item, "fixturenames", ()):
+        logs = Path(head.temp) / "session_latest" / "logs"
+        for name in ("gcs_server.out", "raylet.out"):
+            try:
+                lines = (logs / name).read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            noted = [line for line in lines if re.match(r"^\[\S+ \S+ [EW] ", line)
+                     or (re.match(r"^\[\S+ \S+ I ", line) and IN_HEAD_LOG.search(line))]
+            report.sections.append((f"shared Ray head: {name} (warnings, errors, actor ends; last 40)",
+                                    "\n".join(noted[-40:])))
 
 
 @pytest.hookimpl(trylast=True)

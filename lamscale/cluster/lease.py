@@ -147,13 +147,26 @@ class RunLease:
         if not self.held:
             return
         self.held = False
-        try:
-            current = read_lease(self.run_url)
-            if current is not None and current.get("token") == self.record["token"]:
-                fs, path = storage.fs_for(self.url)
-                fs.rm_file(path)
-        except Exception as e:  # the store is down: the lease expires by itself
-            self.say(f"[lamscale] could not remove the run lease {self.url} ({type(e).__name__}); "
+        outcome: dict = {}
+
+        def remove() -> None:
+            try:
+                current = read_lease(self.run_url)
+                if current is not None and current.get("token") == self.record["token"]:
+                    fs, path = storage.fs_for(self.url)
+                    fs.rm_file(path)
+                outcome["done"] = True
+            except Exception as e:  # the store is down: the lease expires by itself
+                outcome["error"] = type(e).__name__
+
+        # botocore retries a refused connection inside each call (up to ~15 s): the way out waits
+        # ACCESS_BUDGET_S of wall time for the store, not that per call
+        remover = threading.Thread(target=remove, name="lamscale-lease-release", daemon=True)
+        remover.start()
+        remover.join(2 * ACCESS_BUDGET_S)
+        if "done" not in outcome:
+            why = outcome.get("error", f"no answer in {2 * ACCESS_BUDGET_S:.0f}s")
+            self.say(f"[lamscale] could not remove the run lease {self.url} ({why}); "
                      f"it expires {self.expiry:.0f}s after its last heartbeat")
 
     def __enter__(self) -> "RunLease":
