@@ -286,7 +286,8 @@ def pytest_collection_modifyitems(session, config, items):
     _SHARED["last_user"] = max(users, key=items.index).nodeid if users else None
 
 
-IN_HEAD_LOG = re.compile(r"destroy|cancel|dead|died|out of scope|TrainController", re.I)
+HEAD_LOG_LEVEL = re.compile(r"^\[\S+ \S+ ([EWI]) ")  # Ray's C++ log lines: [date time LEVEL pid tid]
+ACTOR_END = re.compile(r"destroy|cancel|dead|died|out of scope|TrainController", re.I)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -303,8 +304,8 @@ def pytest_runtest_makereport(item, call):
                 lines = (logs / name).read_text(errors="replace").splitlines()
             except OSError:
                 continue
-            noted = [line for line in lines if re.match(r"^\[\S+ \S+ [EW] ", line)
-                     or (re.match(r"^\[\S+ \S+ I ", line) and IN_HEAD_LOG.search(line))]
+            levels = [(HEAD_LOG_LEVEL.match(line), line) for line in lines]
+            noted = [line for level, line in levels if level and (level[1] != "I" or ACTOR_END.search(line))]
             report.sections.append((f"shared Ray head: {name} (warnings, errors, actor ends; last 40)",
                                     "\n".join(noted[-40:])))
 
