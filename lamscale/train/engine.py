@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import sys
+import types
 import warnings
 
 import torch
@@ -46,6 +48,26 @@ def _quiet_cpu_deepspeed() -> None:
     ds_torch_comm.build_shm_op = lambda: None
 
 
+MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")
+
+
+def _muon_is_never_used(*args, **kwargs):
+    raise RuntimeError("lamscale trains with AdamW: DeepSpeed's Muon optimizer is not loaded in its workers")
+
+
+def _without_muon_compile() -> None:
+    # ZeRO's set-up and gradient path import DeepSpeed's Muon modules only to ask isinstance(optimizer,
+    # MuonWithAuxAdam) (and, for Muon's parameters alone, call muon_update), and their @torch.compile loads
+    # TorchInductor: ~2.5 s of every worker's start. Our optimizer is AdamW, never Muon, so stand-ins
+    # (a class nothing is an instance of, an update that is never called) give DeepSpeed the same answers.
+    for name in MUON_MODULES:
+        if name not in sys.modules:
+            stand_in = types.ModuleType(name)
+            stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (torch.optim.Optimizer,), {})
+            stand_in.muon_update = _muon_is_never_used
+            sys.modules[name] = stand_in
+
+
 def partitioned(engine) -> tuple[int, int]:
     """(parameters ZeRO-3 holds only a shard of on this rank, all parameters)."""
     params = list(engine.module.parameters())
@@ -72,6 +94,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, use_gpu: 
                             category=FutureWarning)
     if not use_gpu:
         _quiet_cpu_deepspeed()
+    _without_muon_compile()
     import deepspeed
 
     t = cfg.train

@@ -1,4 +1,5 @@
-"""DeepSpeed on CPU workers: its shared-memory all-reduce op must not be JIT-built (gloo is enough)."""
+"""DeepSpeed on CPU workers: its shared-memory all-reduce op must not be JIT-built (gloo is enough), and its
+Muon optimizer (whose @torch.compile loads TorchInductor) must not be loaded: we train with AdamW."""
 import subprocess
 import sys
 
@@ -24,6 +25,39 @@ def test_cpu_deepspeed_skips_the_shm_op_build(repo_root, tmp_path):
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
     assert not extensions.exists() or not any(extensions.iterdir()), "a DeepSpeed op was JIT-built"
+
+
+# every ZeRO stage and precision a run can ask for: each stage's set-up and gradient path asks about Muon
+ENGINE_PROBE = """
+import sys, torch
+from lamscale.config import Config
+from lamscale.train.engine import build_engine
+for stage, precision in ((0, "bf16"), (1, "fp32"), (2, "fp32"), (2, "bf16"), (3, "fp32")):
+    cfg = Config()
+    cfg.train.zero_stage, cfg.train.precision, cfg.data.batch_size = stage, precision, 2
+    cfg.train.lr, cfg.train.warmup_steps = 0.05, 1
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    engine = build_engine(model, cfg, world_size=1, use_gpu=False)
+    x = torch.randn(2, 8, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    losses = []
+    for _ in range(3):
+        loss = engine(x).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], (stage, precision, losses)
+assert "torch._inductor.compile_fx" not in sys.modules, "DeepSpeed's Muon loaded TorchInductor"
+print("ok")
+"""
+
+
+def test_engines_train_without_loading_muon_or_inductor(repo_root):
+    env = lamscale_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0]), "RANK": "0",
+                        "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    result = subprocess.run([sys.executable, "-c", ENGINE_PROBE], cwd=repo_root, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def test_weight_decay_leaves_an_identity_mask_identity():
