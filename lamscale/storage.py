@@ -52,14 +52,27 @@ def retry_budget_s() -> float:
     return float(os.environ.get("LAMSCALE_STORAGE_RETRY_S", "120"))
 
 
-def _transient(e: BaseException) -> bool:
+TRANSIENT_WORDS = ("Connect", "Timeout", "Endpoint", "HTTPClientError", "IncompleteRead", "Payload")
+
+
+def transient(e: BaseException) -> bool:
+    """Errors a later attempt may not see (refused or reset connections, timeouts, 5xx and throttling answers,
+    which s3fs turns into OSError); a missing file, a refusal or missing credentials are answers, not outages."""
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False  # answers, not outages
+        return False
     if isinstance(e, (OSError, TimeoutError)):
         return True
-    # botocore/aiohttp connection errors are not OSError subclasses; NoCredentialsError & co. are answers
-    return type(e).__module__.split(".")[0] in ("botocore", "aiohttp", "aiobotocore") and \
-        any(word in type(e).__name__ for word in ("Connect", "Connection", "Timeout", "Endpoint"))
+    # botocore/aiohttp network errors are not all OSError subclasses (a dropped connection mid-read, a truncated
+    # body); NoCredentialsError & co. are answers. Matched by their classes' names, the bases included.
+    return any(cls.__module__.split(".")[0] in ("botocore", "aiohttp", "aiobotocore") and
+               any(word in cls.__name__ for word in TRANSIENT_WORDS) for cls in type(e).__mro__)
+
+
+# One botocore attempt per S3 call: our retry loops (here and the shard reader's) own the retries, so their
+# budgets are wall time. botocore's own retries of a refused connection made a 3 s budget take 7 s and a
+# lease release 19.5 s. Throttling (503 SlowDown) is still retried: by s3fs a few times, then by our loops.
+# A user's own fsspec config for s3 (config_kwargs.retries) is kept.
+fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", {}).setdefault("retries", {"max_attempts": 1})
 
 
 def retry(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T:
@@ -76,9 +89,9 @@ def retry(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T:
             return fn()
         except Exception as e:
             tries += 1
-            if not _transient(e) or time.monotonic() + delay > deadline:
+            if not transient(e) or time.monotonic() + delay > deadline:
                 first = str(e).splitlines()[0] if str(e) else ""
-                why = f"gave up after {tries} tries in {budget:.0f}s: " if _transient(e) else ""
+                why = f"gave up after {tries} tries in {budget:.0f}s: " if transient(e) else ""
                 raise StorageError(f"{what}: {why}{type(e).__name__}: {first}") from e
             if announce and tries == 1:
                 print(f"[lamscale] retrying {what} for up to {budget:.0f}s: {type(e).__name__}: "

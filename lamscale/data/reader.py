@@ -44,20 +44,6 @@ def refuse_pipe(urls: list[str], key: str, allowed: bool) -> None:
                         f"set data.allow_pipe=true to allow it")
 
 
-def _transient(e: BaseException) -> bool:
-    """Errors a later attempt may not see: connection refused or reset, timeouts, 5xx answers."""
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(e, (OSError, TimeoutError)):
-        return True
-    try:
-        from aiohttp import ClientError
-        from botocore.exceptions import BotoCoreError
-    except ImportError:
-        return False
-    return isinstance(e, (BotoCoreError, ClientError))
-
-
 class RetryingFile(io.RawIOBase):
     """A remote file read front to back; a failed read reopens it at the same byte and tries again,
     backing off 0.5 s, 1 s, 2 s … (capped at 8 s) for up to `retry_s` seconds."""
@@ -83,7 +69,7 @@ class RetryingFile(io.RawIOBase):
                 return len(data)
             except Exception as e:  # noqa: BLE001 - sorted into transient or not just below
                 self._drop()
-                if not _transient(e):
+                if not storage.transient(e):
                     raise
                 if time.monotonic() + delay > deadline:
                     raise storage.StorageError(f"{self.url}: still failing after {self.retry_s:.0f} s of retries: "
