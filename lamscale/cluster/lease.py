@@ -159,8 +159,8 @@ class RunLease:
             except Exception as e:  # the store is down: the lease expires by itself
                 outcome["error"] = type(e).__name__
 
-        # botocore retries a refused connection inside each call (up to ~15 s): the way out waits
-        # ACCESS_BUDGET_S of wall time for the store, not that per call
+        # a store that accepts connections but does not answer holds each call up to botocore's 60 s read
+        # timeout: the way out waits at most 2 × ACCESS_BUDGET_S of wall time for the store
         remover = threading.Thread(target=remove, name="lamscale-lease-release", daemon=True)
         remover.start()
         remover.join(2 * ACCESS_BUDGET_S)

@@ -35,7 +35,7 @@ def clear_failed(run_url: str) -> None:
     url = storage.join(run_url, FAILED_FILE)
     if storage.exists(url):
         fs, path = storage.fs_for(url)
-        fs.rm_file(path)
+        storage.retry(lambda: fs.rm_file(path), f"remove {url}")
 
 
 @dataclass

@@ -96,7 +96,7 @@ class CheckpointStore:
         # uncommitted leftovers older than the newest commit are dead saves
         root = storage.fs_for(storage.join(self.run_url, "checkpoints"))[1]
         self.fs.invalidate_cache()
-        for entry in self.fs.ls(root, detail=False):
+        for entry in storage.retry(lambda: self.fs.ls(root, detail=False), f"list {root}"):
             m = STEP_DIR.search(entry.rstrip("/"))
             if m and int(m.group(1)) < newest and int(m.group(1)) not in steps:
                 storage.remove_tree(self.url(int(m.group(1))))

@@ -23,7 +23,7 @@ def request_stop(run_url: str) -> None:
 def clear_stop(run_url: str) -> None:
     if storage.exists(storage.join(run_url, STOP_FILE)):
         fs, path = storage.fs_for(storage.join(run_url, STOP_FILE))
-        fs.rm_file(path)
+        storage.retry(lambda: fs.rm_file(path), f"remove {storage.join(run_url, STOP_FILE)}")
 
 
 class StopFlag:

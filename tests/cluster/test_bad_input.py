@@ -107,7 +107,7 @@ def test_metrics_on_a_file_that_is_not_json_lines_names_file_and_line(tmp_path, 
 def test_unreachable_store_says_it_is_retrying_once(repo_root):
     """With the run's retry budget, the first retry prints one line naming the URL and the budget."""
     env = lamscale_env({"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
-                        "AWS_MAX_ATTEMPTS": "1", "LAMSCALE_STORAGE_RETRY_S": "40"})
+                        "LAMSCALE_STORAGE_RETRY_S": "40"})
     proc = subprocess.Popen([sys.executable, "-m", "lamscale", "runs", "s3://lamscale-test/runs"], cwd=repo_root,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
