@@ -52,7 +52,9 @@ def retry_budget_s() -> float:
     return float(os.environ.get("LAMSCALE_STORAGE_RETRY_S", "120"))
 
 
-TRANSIENT_WORDS = ("Connect", "Timeout", "Endpoint", "HTTPClientError", "IncompleteRead", "Payload")
+# network errors by class name (EndpointConnectionError has "Connect"); not "Endpoint": UnknownEndpointError is a
+# bad config, an answer
+TRANSIENT_WORDS = ("Connect", "Timeout", "HTTPClientError", "IncompleteRead", "Payload")
 
 
 def transient(e: BaseException) -> bool:
@@ -134,11 +136,22 @@ def remove_tree(url: str) -> None:
     fs, path = fs_for(url)
     retry(lambda: fs.rm(path, recursive=True), f"remove {url}")
     if not is_local(url):
+        remove_file(url, missing_ok=True)
+    fs.invalidate_cache()
+
+
+def remove_file(url: str, missing_ok: bool = False) -> None:
+    """Delete one file; with `missing_ok`, one that is not there is not an error (one call, no look-up first)."""
+    fs, path = fs_for(url)
+
+    def _remove() -> None:
         try:
             fs.rm_file(path)
         except FileNotFoundError:
-            pass
-    fs.invalidate_cache()
+            if not missing_ok:
+                raise
+
+    retry(_remove, f"remove {url}")
 
 
 def exists(url: str, budget_s: float | None = None) -> bool:

@@ -16,6 +16,7 @@ OUTAGES = [boto.EndpointConnectionError(endpoint_url="http://s3"), boto.ConnectT
            aiohttp.ServerDisconnectedError(), aiohttp.ClientPayloadError("truncated"), aiohttp.ClientOSError(),
            ConnectionRefusedError(), TimeoutError(), OSError(16, "SlowDown (s3fs's EBUSY)")]
 ANSWERS = [boto.NoCredentialsError(), boto.ParamValidationError(report="bad key"), FileNotFoundError("gone"),
+           boto.UnknownEndpointError(service_name="s3", region_name="nowhere"),
            PermissionError("denied"), ValueError("bad")]
 
 

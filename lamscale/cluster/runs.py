@@ -32,10 +32,7 @@ def mark_failed(run_url: str, error: str) -> None:
 
 
 def clear_failed(run_url: str) -> None:
-    url = storage.join(run_url, FAILED_FILE)
-    if storage.exists(url):
-        fs, path = storage.fs_for(url)
-        storage.retry(lambda: fs.rm_file(path), f"remove {url}")
+    storage.remove_file(storage.join(run_url, FAILED_FILE), missing_ok=True)
 
 
 @dataclass

@@ -21,9 +21,7 @@ def request_stop(run_url: str) -> None:
 
 
 def clear_stop(run_url: str) -> None:
-    if storage.exists(storage.join(run_url, STOP_FILE)):
-        fs, path = storage.fs_for(storage.join(run_url, STOP_FILE))
-        storage.retry(lambda: fs.rm_file(path), f"remove {storage.join(run_url, STOP_FILE)}")
+    storage.remove_file(storage.join(run_url, STOP_FILE), missing_ok=True)
 
 
 class StopFlag:

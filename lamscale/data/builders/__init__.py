@@ -277,8 +277,7 @@ def _take_over(url: str, overwrite: bool) -> dict | None:
     if not overwrite:
         raise ValueError(f"--out: {manifest_url} already exists; pass --overwrite to replace that dataset")
     old = json.loads(storage.read_bytes(manifest_url))
-    fs, path = storage.fs_for(manifest_url)
-    storage.retry(lambda: fs.rm_file(path), f"remove {manifest_url}")
+    storage.remove_file(manifest_url)
     return old
 
 
@@ -288,6 +287,5 @@ def _remove_stale_shards(url: str, old: dict | None, new: dict) -> None:
     keep = {s["name"] for split in new["splits"].values() for s in split["shards"]}
     for split in old.get("splits", {}).values():
         for shard in split.get("shards", []):
-            if shard["name"] not in keep and storage.exists(storage.join(url, shard["name"])):
-                fs, path = storage.fs_for(storage.join(url, shard["name"]))
-                storage.retry(lambda: fs.rm_file(path), f"remove {storage.join(url, shard['name'])}")
+            if shard["name"] not in keep:
+                storage.remove_file(storage.join(url, shard["name"]), missing_ok=True)
